@@ -1,0 +1,238 @@
+"""The export pipeline: resolve → open → choose skip set → build graph (quantizing as it goes) →
+verify against PyTorch → bundle. Each step is a plain function; this module only sequences them."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgekit import __version__
+from edgekit.bundle import SCHEMA_VERSION, bundle_writer, write_manifest
+from edgekit.errors import EdgekitError
+from edgekit.graph import build_decoder
+from edgekit.load import Checkpoint, load_torch_model, open_checkpoint
+from edgekit.quantize import QuantConfig
+from edgekit.resolve import ResolvedModel, resolve_model
+from edgekit.skipset import SkipSet, last_n, parse_layer_list
+from edgekit.verify import DEFAULT_TEXT, VerifyReport, verify
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "config.json",
+)
+
+
+@dataclass
+class ExportRequest:
+    model: str
+    skip: int | str | None = None  # N (last N) or "auto:N"
+    skip_layers: str | None = None  # "20,24-31"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    output: Path | None = None
+    force: bool = False
+    verify: bool = True
+    verify_text: Path | None = DEFAULT_TEXT
+    max_context: int | None = None
+    allow_download: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    command: str = ""
+    progress: bool = False
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    manifest: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def choose_skip(req: ExportRequest, ckpt: Checkpoint) -> SkipSet:
+    n_layers = ckpt.spec.num_layers
+    if req.skip is not None and req.skip_layers is not None:
+        raise EdgekitError("give either --skip or --skip-layers, not both")
+    if req.skip_layers is not None:
+        return SkipSet.explicit(parse_layer_list(req.skip_layers), n_layers)
+    if isinstance(req.skip, str):
+        raise EdgekitError(f"--skip {req.skip}: automatic layer ranking is not available in this edgekit yet")
+    return last_n(req.skip or 0, n_layers)
+
+
+def default_output(resolved: ResolvedModel, skip: SkipSet, quant: QuantConfig) -> Path:
+    name = resolved.source_id.rstrip("/").split("/")[-1].lower() or "model"
+    return Path("out") / f"{name}-skip{len(skip.skipped)}-{quant.mode}"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "edgekit": __version__}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:
+        raise EdgekitError(
+            f"{src} has no tokenizer.json; edgekit's runtime reads only the fast-tokenizer format "
+            "(save one with transformers' AutoTokenizer.save_pretrained)"
+        )
+    return copied
+
+
+def export(req: ExportRequest) -> ExportResult:
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    resolved = resolve_model(req.model, allow_download=req.allow_download)
+    ckpt = open_checkpoint(resolved.path, resolved.source_id, req.trust_remote_code, req.allow_pickle)
+    skip = choose_skip(req, ckpt)
+    context = req.max_context or ckpt.spec.max_context
+    if context < 2 or context > ckpt.spec.max_context:
+        raise EdgekitError(f"--max-context {context}: must be between 2 and the model's {ckpt.spec.max_context}")
+    target = req.output or default_output(resolved, skip, req.quant)
+    seconds["load"] = time.perf_counter() - t0
+
+    with bundle_writer(target, req.force) as tmp:
+        t = time.perf_counter()
+        progress = _progress(ckpt.spec.num_layers, "export", req.progress)
+        try:
+            contract, data_file = build_decoder(
+                ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=lambda i: progress.update(1)
+            )
+        finally:
+            progress.close()
+        seconds["build"] = time.perf_counter() - t
+        tokenizer_files = _copy_tokenizer(ckpt.path, tmp)
+
+        report: VerifyReport | None = None
+        if req.verify:
+            t = time.perf_counter()
+            report = _verify(ckpt, skip, tmp, req, context)
+            seconds["verify"] = time.perf_counter() - t
+            if not report.passed:
+                raise EdgekitError(
+                    f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3g} > tolerance "
+                    f"{report.tolerance:.3g} (top-1 agreement {report.top1_agreement:.3f}); no bundle written"
+                )
+        seconds["total"] = time.perf_counter() - t0
+        manifest = write_manifest(
+            tmp, _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
+        )
+    return ExportResult(target, manifest, seconds)
+
+
+def _verify(ckpt: Checkpoint, skip: SkipSet, folder: Path, req: ExportRequest, context: int) -> VerifyReport:
+    from tokenizers import Tokenizer
+
+    from edgekit.surgery import apply_skip
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model = apply_skip(load_torch_model(ckpt), skip)
+    return verify(
+        folder / "model.onnx",
+        model,
+        lambda s: tokenizer.encode(s).ids,
+        req.quant.mode,
+        req.verify_text,
+        context=min(context, 512),
+    )
+
+
+def _manifest(
+    req: ExportRequest,
+    resolved: ResolvedModel,
+    ckpt: Checkpoint,
+    skip: SkipSet,
+    contract: Any,
+    data_file: str | None,
+    context: int,
+    tokenizer_files: list[str],
+    report: VerifyReport | None,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    spec = ckpt.spec
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": resolved.source_id, "family": ckpt.family.name},
+        "source": {
+            "id": resolved.source_id,
+            "resolved_from": resolved.how,
+            "config_sha256": ckpt.config_sha256,
+            "architecture": (getattr(ckpt.config, "architectures", None) or ["?"])[0],
+            "model_type": ckpt.config.model_type,
+        },
+        "architecture": {
+            "num_layers": spec.num_layers,
+            "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "head_dim": spec.head_dim,
+            "vocab_size": spec.vocab,
+            "max_context": context,
+            "tie_word_embeddings": spec.tie_embeddings,
+            "bos_token_id": spec.bos_token_id,
+            "eos_token_ids": list(spec.eos_token_ids),
+        },
+        "skip": {
+            "rule": skip.rule,
+            "skipped": list(skip.skipped),
+            "kept": list(skip.kept),
+            "attention_layers": len(skip.kept),
+        },
+        "graph": {
+            "file": "model.onnx",
+            "external_data": data_file,
+            "flavour": "fused",
+            "opset": 21,
+            "contrib_ops": [
+                "GroupQueryAttention",
+                "SkipSimplifiedLayerNormalization",
+                "MatMulNBits",
+                "GatherBlockQuantized",
+            ],
+            **contract.to_manifest(),
+            "kv_bytes_per_token": 2
+            * len(skip.kept)
+            * contract.kv_heads
+            * contract.head_dim
+            * (2 if contract.kv_dtype == "float16" else 4),
+        },
+        "quantization": req.quant.to_manifest(),
+        "tokenizer": {"files": tokenizer_files},
+        "verification": report.to_dict() if report else None,
+        "packages": package_versions(),
+        "command": req.command or " ".join(sys.argv),
+        "timings_s": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+class _NoProgress:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False)

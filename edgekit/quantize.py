@@ -1,0 +1,109 @@
+"""Weight quantization with onnxruntime's own quantizer, applied one weight at a time.
+
+We call onnxruntime's `DefaultWeightOnlyQuantizer` (the engine inside `MatMulNBitsQuantizer`) on each
+MatMul/Gather as the graph builder emits it, instead of running `MatMulNBitsQuantizer` over a finished
+fp32 model: the result is the same nodes and bytes, but the fp32 weights of the whole model never have
+to sit in memory at once, which is what lets a 7B model export on a laptop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgekit.errors import EdgekitError
+
+QUANT_MODES = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    mode: str = "fp32"
+    block_size: int = 32
+    # MatMulNBits accuracy_level 4 computes with int8 activations: the fastest CPU path (MLAS).
+    accuracy_level: int = 4
+    symmetric: bool = False
+    lm_head_bits: int | None = None  # None: the same as the other MatMuls
+    quantize_embedding: bool = True  # int4 only: GatherBlockQuantized
+
+    def __post_init__(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise EdgekitError(f"unknown quantization '{self.mode}'; choose one of {', '.join(QUANT_MODES)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise EdgekitError(f"--block-size {self.block_size}: must be a power of two, at least 16")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise EdgekitError(f"--accuracy-level {self.accuracy_level}: must be 0-4")
+        if self.lm_head_bits not in (None, 4, 8, 32):
+            raise EdgekitError(f"--lm-head-bits {self.lm_head_bits}: must be 4, 8 or 32")
+
+    @property
+    def bits(self) -> int | None:
+        return {"int8": 8, "int4": 4}.get(self.mode)
+
+    @property
+    def float_dtype(self) -> np.dtype:
+        return np.dtype(np.float16) if self.mode == "fp16" else np.dtype(np.float32)
+
+    def bits_for(self, role: str) -> int | None:
+        """Bits for a MatMul weight of the given role ('attn', 'mlp', 'lm_head'); None keeps it float."""
+        if self.bits is None:
+            return None
+        if role == "lm_head" and self.lm_head_bits is not None:
+            return None if self.lm_head_bits == 32 else self.lm_head_bits
+        return self.bits
+
+    @property
+    def embedding_quantized(self) -> bool:
+        # onnxruntime's quantizer writes GatherBlockQuantized for 4 bits only.
+        return self.bits == 4 and self.quantize_embedding
+
+    def to_manifest(self) -> dict:
+        d = asdict(self)
+        d["bits"] = self.bits
+        d["embedding"] = f"int4 block {self.block_size}" if self.embedding_quantized else str(self.float_dtype)
+        d["lm_head"] = f"int{self.bits_for('lm_head')}" if self.bits_for("lm_head") else str(self.float_dtype)
+        d["quantizer"] = "onnxruntime DefaultWeightOnlyQuantizer (MatMulNBits / GatherBlockQuantized)"
+        return d
+
+
+def _ort_quantizer(bits: int, cfg: QuantConfig):
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    # onnxruntime logs every node it quantizes at INFO level through the root logger.
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    return DefaultWeightOnlyQuantizer(
+        DefaultWeightOnlyQuantConfig(
+            block_size=cfg.block_size,
+            is_symmetric=cfg.symmetric,
+            accuracy_level=cfg.accuracy_level,
+            bits=bits,
+            op_types_to_quantize=("MatMul", "Gather"),
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
+        )
+    )
+
+
+def quantize_node(
+    node: onnx.NodeProto, weight_name: str, weight: np.ndarray, bits: int, cfg: QuantConfig
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Run onnxruntime's quantizer on one MatMul (weight [K, N]) or Gather (table [V, H]) node.
+
+    Returns the replacement nodes and their initializers; the float weight is not among them.
+    """
+    scratch = onnx.GraphProto()
+    scratch.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight, dtype=np.float32), weight_name))
+    nodes = _ort_quantizer(bits, cfg).quantize(node, [scratch])
+    if len(nodes) == 1 and nodes[0].op_type == node.op_type:
+        raise EdgekitError(f"onnxruntime could not quantize {weight_name} to {bits} bits")
+    return list(nodes), [t for t in scratch.initializer if t.name != weight_name]
+
+
+def matmul_node(x: str, weight_name: str, out: str, name: str) -> onnx.NodeProto:
+    return helper.make_node("MatMul", [x, weight_name], [out], name=name)
