@@ -1,0 +1,61 @@
+"""Shared fixtures: the real stories260K model, corpora from ../shared, and cached exports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edgekit.export import ExportRequest, export
+from edgekit.quantize import QuantConfig
+from edgekit.registry import ALIASES
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGEKIT_SHARED", ROOT.parent / "shared"))
+CORPORA = SHARED / "corpora"
+STORIES = ALIASES["stories260k"].embedded_path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline() -> None:
+    # Tests never reach the network; a stray hub call fails fast instead of hanging.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def corpora() -> Path:
+    if not CORPORA.is_dir():
+        pytest.fail(f"shared corpora not found at {CORPORA} (set EDGEKIT_SHARED)")
+    return CORPORA
+
+
+@pytest.fixture(scope="session")
+def bundle_factory(tmp_path_factory: pytest.TempPathFactory):
+    """export('stories260k', skip=2, quant='int4') → bundle path, each configuration exported once per run."""
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("bundles")
+
+    def make(
+        model: str = "stories260k", skip: int = 0, quant: str = "fp32", skip_layers: str | None = None, **quant_kw
+    ) -> Path:
+        key = (model, skip, quant, skip_layers, tuple(sorted(quant_kw.items())))
+        if key not in cache:
+            name = f"{Path(model).name}-s{skip}-{skip_layers or ''}-{quant}-{len(cache)}".replace(",", "_")
+            req = ExportRequest(
+                model=model,
+                skip=None if skip_layers else skip,
+                skip_layers=skip_layers,
+                quant=QuantConfig(mode=quant, **quant_kw),
+                output=root / name,
+            )
+            cache[key] = export(req).bundle
+        return cache[key]
+
+    return make
