@@ -215,3 +215,18 @@ def check_integrity(bundle: Bundle) -> list[str]:
         f"{p.name}: not in the manifest" for p in bundle.path.iterdir() if p.is_file() and p.name not in listed
     ]
     return problems
+
+
+def open_bundle(path: Path | str, check_integrity_first: bool = True) -> Bundle:
+    """What `run`, `profile` and `eval` call: read the manifest and, unless told otherwise, refuse a
+    bundle whose files do not match their recorded sha256 (tampered or damaged in transit)."""
+    bundle = read_bundle(path)
+    if check_integrity_first:
+        problems = check_integrity(bundle)
+        if problems:
+            raise EdgekitError(
+                f"bundle {bundle.path} does not match its manifest ({problems[0]}"
+                + (f", and {len(problems) - 1} more" if len(problems) > 1 else "")
+                + "); re-export it, or pass --no-integrity-check to use it anyway"
+            )
+    return bundle
