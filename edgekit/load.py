@@ -96,7 +96,7 @@ class WeightSource:
 
         try:
             with safe_open(f, framework="pt") as st:
-                for name in st:
+                for name in st.keys():  # noqa: SIM118 - safetensors 0.8 safe_open is not iterable
                     self._where[name] = f
                     self._shapes[name] = tuple(st.get_slice(name).get_shape())
         except Exception as e:  # safetensors raises several types for a damaged header
