@@ -35,6 +35,8 @@ class VerifyReport:
     ppl_tokens: int | None = None
     passed: bool = True
     tolerance: float | None = None
+    # "full": the whole fp32 PyTorch model; "streaming": layer by layer from disk (verify_streaming.py)
+    method: str = "full"
 
     def to_dict(self) -> dict:
         return asdict(self)
