@@ -1,0 +1,181 @@
+"""Execution providers: short names → onnxruntime providers with useful options, threads, placement.
+
+A provider missing from the installed onnxruntime is a one-line error that names the providers present
+and the package or build that brings the missing one. After a session is made, `Placement` says how
+many graph nodes each provider took (onnxruntime ≥ 1.23 records it on request): a model split across a
+mobile provider and the CPU is the classic cause of slow phones, so it is shown, not hidden.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from edgekit.errors import EdgekitError
+
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    ort_name: str
+    brings_it: str  # which package or build has this provider
+
+
+PROVIDERS: dict[str, ProviderInfo] = {
+    "cpu": ProviderInfo(CPU, "every onnxruntime package"),
+    "xnnpack": ProviderInfo(
+        "XnnpackExecutionProvider",
+        "the Android/iOS packages (onnxruntime-android, onnxruntime-c) or a build with --use_xnnpack",
+    ),
+    "nnapi": ProviderInfo("NnapiExecutionProvider", "the Android package onnxruntime-android (AAR)"),
+    "coreml": ProviderInfo("CoreMLExecutionProvider", "the macOS/iOS onnxruntime packages (pip onnxruntime on macOS)"),
+    "qnn": ProviderInfo(
+        "QNNExecutionProvider", "pip onnxruntime-qnn (Windows on Snapdragon) or onnxruntime-android-qnn (AAR)"
+    ),
+    "cuda": ProviderInfo("CUDAExecutionProvider", "pip onnxruntime-gpu (with CUDA 12 and cuDNN 9 installed)"),
+    "tensorrt": ProviderInfo("TensorrtExecutionProvider", "pip onnxruntime-gpu plus NVIDIA TensorRT"),
+    "dml": ProviderInfo("DmlExecutionProvider", "pip onnxruntime-directml (Windows)"),
+    "openvino": ProviderInfo("OpenVINOExecutionProvider", "pip onnxruntime-openvino"),
+    "rocm": ProviderInfo("ROCMExecutionProvider", "an onnxruntime build with --use_rocm"),
+    "migraphx": ProviderInfo("MIGraphXExecutionProvider", "an onnxruntime build with --use_migraphx"),
+    "webgpu": ProviderInfo("WebGpuExecutionProvider", "an onnxruntime build with --use_webgpu (or onnxruntime-web)"),
+    "acl": ProviderInfo("ACLExecutionProvider", "an onnxruntime build with --use_acl (Arm Compute Library)"),
+    "armnn": ProviderInfo("ArmNNExecutionProvider", "an onnxruntime build with --use_armnn"),
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run a bundle: which provider, how many threads, where they may run."""
+
+    provider: str = "cpu"
+    threads: int | None = None  # intra-op threads; None: onnxruntime's default (one per physical core)
+    affinity: str | None = None  # session.intra_op_thread_affinities, e.g. "1;2;3" (one entry per extra thread)
+    spin: bool = True  # busy-wait between ops; off saves power and helps on shared/busy machines
+    cpu_fallback: bool = True  # False: fail if the provider cannot take every node
+    provider_options: dict[str, str] = field(default_factory=dict)  # passed through, e.g. {"device_type": "GPU"}
+
+
+@dataclass
+class Placement:
+    """Graph nodes per execution provider, after onnxruntime's partitioning."""
+
+    requested: str
+    nodes: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.nodes.values())
+
+    @property
+    def on_cpu(self) -> int:
+        return self.nodes.get(CPU, 0)
+
+    @property
+    def fallback(self) -> int:
+        """Nodes the requested (non-CPU) provider left to the CPU."""
+        return 0 if self.requested == CPU else self.on_cpu
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{_short(ep)} {n}" for ep, n in sorted(self.nodes.items(), key=lambda kv: -kv[1]))
+        text = f"{self.total} nodes: {parts}"
+        if self.fallback:
+            text += f" ({self.fallback} fell back to CPU)"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "nodes": self.nodes, "total": self.total, "cpu_fallback": self.fallback}
+
+
+def _short(ort_name: str) -> str:
+    for key, info in PROVIDERS.items():
+        if info.ort_name == ort_name:
+            return key
+    return ort_name.removesuffix("ExecutionProvider")
+
+
+def resolve(name: str) -> ProviderInfo:
+    """Short name (or onnxruntime's full name) → provider, or a one-line error saying where to get it."""
+    key = name.lower().removesuffix("executionprovider")
+    info = PROVIDERS.get(key) or next((p for p in PROVIDERS.values() if p.ort_name.lower() == name.lower()), None)
+    if info is None:
+        raise EdgekitError(f"unknown provider '{name}'; choose one of {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if info.ort_name not in available:
+        present = ", ".join(_short(p) for p in available)
+        raise EdgekitError(
+            f"provider '{key}' ({info.ort_name}) is not in this onnxruntime {ort.__version__} "
+            f"(it has: {present}); it comes with {info.brings_it}"
+        )
+    return info
+
+
+def _provider_options(key: str, opts: RuntimeOptions) -> dict[str, str]:
+    """Each provider's useful defaults; user-given options win."""
+    base: dict[str, str] = {}
+    if key == "xnnpack":
+        # XNNPACK runs its own thread pool: give it the threads, keep onnxruntime's pool at 1.
+        base["intra_op_num_threads"] = str(opts.threads or os.cpu_count() or 1)
+    elif key == "coreml":
+        base.update({"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"})
+    elif key == "qnn":
+        base["backend_path"] = "QnnHtp.dll" if os.name == "nt" else "libQnnHtp.so"
+        base["htp_performance_mode"] = "burst"
+    elif key == "openvino":
+        base["device_type"] = "CPU"
+        if opts.threads:
+            base["num_of_threads"] = str(opts.threads)
+    return {**base, **opts.provider_options}
+
+
+def session_options(opts: RuntimeOptions, key: str) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+    if key == "xnnpack":
+        so.intra_op_num_threads = 1
+    elif opts.threads:
+        so.intra_op_num_threads = opts.threads
+    if opts.affinity:
+        so.add_session_config_entry("session.intra_op_thread_affinities", opts.affinity)
+    if not opts.spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not opts.cpu_fallback and key != "cpu":
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    return so
+
+
+def create_session(model_path: Path | str, opts: RuntimeOptions) -> tuple[ort.InferenceSession, Placement]:
+    """An InferenceSession on the chosen provider (CPU as fallback for what it cannot take)."""
+    info = resolve(opts.provider)
+    key = _short(info.ort_name)
+    providers: list[Any] = [(info.ort_name, _provider_options(key, opts))]
+    if info.ort_name != CPU:
+        providers.append(CPU)
+    try:
+        session = ort.InferenceSession(str(model_path), session_options(opts, key), providers=providers)
+    except Exception as e:  # onnxruntime raises its own types for a bad model or a refused partition
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgekitError(f"onnxruntime could not load {model_path} on {key}: {first}") from e
+    return session, placement(session, info.ort_name)
+
+
+def placement(session: ort.InferenceSession, requested: str) -> Placement:
+    nodes: dict[str, int] = {}
+    try:
+        for sub in session.get_provider_graph_assignment_info():
+            nodes[sub.ep_name] = nodes.get(sub.ep_name, 0) + len(sub.get_nodes())
+    except (AttributeError, RuntimeError):  # onnxruntime < 1.23 has no assignment record
+        pass
+    return Placement(requested, nodes)
+
+
+def available() -> list[str]:
+    """Short names of the providers this onnxruntime has."""
+    return [_short(p) for p in ort.get_available_providers()]
