@@ -50,6 +50,9 @@ class ExportRequest:
     allow_pickle: bool = False
     command: str = ""
     progress: bool = False
+    calib: Path | None = None  # calibration text; ranks layers for auto:N [default: shipped TinyStories]
+    max_ppl_increase: float | None = None  # quality gate: bundle ppl on calib vs unskipped fp32, relative
+    calib_tokens: int = 16384  # tokens of the calibration text the quality gate scores
 
 
 @dataclass
@@ -66,7 +69,12 @@ def choose_skip(req: ExportRequest, ckpt: Checkpoint) -> SkipSet:
     if req.skip_layers is not None:
         return SkipSet.explicit(parse_layer_list(req.skip_layers), n_layers)
     if isinstance(req.skip, str):
-        raise EdgekitError(f"--skip {req.skip}: automatic layer ranking is not available in this edgekit yet")
+        from edgekit.analyze import auto_skip, parse_auto
+
+        n = parse_auto(req.skip)
+        if n is None:
+            raise EdgekitError(f"--skip {req.skip}: expected a whole number N or auto:N")
+        return auto_skip(ckpt, n, req.calib)
     return last_n(req.skip or 0, n_layers)
 
 
@@ -131,11 +139,37 @@ def export(req: ExportRequest) -> ExportResult:
                     f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3g} > tolerance "
                     f"{report.tolerance:.3g} (top-1 agreement {report.top1_agreement:.3f}); no bundle written"
                 )
+        quality = _quality_gate(req, ckpt, skip, tmp, context, seconds)
         seconds["total"] = time.perf_counter() - t0
         manifest = write_manifest(
-            tmp, _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
+            tmp,
+            _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
+            | ({"quality": quality} if quality else {}),
         )
     return ExportResult(target, manifest, seconds)
+
+
+def _quality_gate(
+    req: ExportRequest, ckpt: Checkpoint, skip: SkipSet, folder: Path, context: int, seconds: dict[str, float]
+) -> dict[str, Any] | None:
+    """Raises (so bundle_writer removes the folder) when the bundle's perplexity breaks the bound."""
+    if req.max_ppl_increase is None:
+        return None
+    from edgekit.eval_gate import quality_gate
+
+    t = time.perf_counter()
+    q = quality_gate(
+        ckpt, list(skip.skipped), folder, req.calib or DEFAULT_TEXT, req.max_ppl_increase, context, req.quant.mode,
+        max_tokens=req.calib_tokens,
+    )
+    seconds["quality"] = time.perf_counter() - t
+    if not q.passed:
+        raise EdgekitError(
+            f"quality gate failed: bundle perplexity {q.ppl_bundle:.3f} is {q.increase:+.1%} over the unskipped fp32 "
+            f"model's {q.ppl_reference:.3f} on {q.tokens} tokens of {q.text} (bound {q.max_increase:+.1%}); "
+            "no bundle written"
+        )
+    return q.to_dict()
 
 
 def _verify(ckpt: Checkpoint, skip: SkipSet, folder: Path, req: ExportRequest, context: int) -> VerifyReport:
@@ -197,6 +231,7 @@ def _manifest(
             "skipped": list(skip.skipped),
             "kept": list(skip.kept),
             "attention_layers": len(skip.kept),
+            **({"ranking": skip.ranking} if skip.ranking else {}),
         },
         "graph": {
             "file": "model.onnx",

@@ -7,7 +7,8 @@ model's layer count, validated once here, and then passed around as a plain `Ski
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from edgekit.errors import EdgekitError
 
@@ -19,6 +20,7 @@ class SkipSet:
     num_layers: int
     skipped: tuple[int, ...]  # sorted, original layer indices whose attention sublayer is removed
     rule: str  # how it was chosen, for the manifest: "none", "last:8", "explicit", "auto:8"
+    ranking: dict[str, Any] | None = field(default=None, compare=False)  # auto:N only: scores it ranked by
 
     @property
     def kept(self) -> tuple[int, ...]:

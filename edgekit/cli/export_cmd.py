@@ -14,7 +14,12 @@ from edgekit.skipset import parse_skip_count
 
 @click.command("export")
 @click.argument("model")
-@click.option("--skip", "skip", metavar="N", help="Remove the attention sublayers of the last N layers.")
+@click.option(
+    "--skip",
+    "skip",
+    metavar="N|auto:N",
+    help="Remove the attention sublayers of the last N layers, or (auto:N) of the N least important ones.",
+)
 @click.option("--skip-layers", metavar="LIST", help="Remove attention from these layers, e.g. 20,24-31.")
 @click.option(
     "--quant",
@@ -45,6 +50,11 @@ from edgekit.skipset import parse_skip_count
     type=click.Path(path_type=Path, dir_okay=False),
     help="Text for the perplexity check of quantized exports [default: shipped TinyStories sample].",
 )
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Calibration text that ranks layers for --skip auto:N [default: shipped TinyStories sample].",
+)
 @click.option("--allow-download", is_flag=True, help="Download the model from the Hugging Face hub if needed.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (never by default).")
 @click.option("--allow-pickle", is_flag=True, help="Load *.bin pickle weights with torch's weights-only loader.")
@@ -62,6 +72,7 @@ def command(
     max_context: int | None,
     no_verify: bool,
     verify_text: Path | None,
+    calib: Path | None,
     allow_download: bool,
     trust_remote_code: bool,
     allow_pickle: bool,
@@ -77,6 +88,7 @@ def command(
       edgekit export stories260k --skip 2 --quant int4
       edgekit export llama2-7b --skip 8 --quant int8 -o out/llama2-7b-skip8-int8
       edgekit export ./my-llama-checkpoint --skip-layers 20,24-31 --quant int4
+      edgekit export stories260k --skip auto:2 --calib my-text.txt   # the 2 least important (analyze)
     """
     if lm_head_bits is None:
         # int4 on lm_head costs measurable perplexity (see the export issue's note); 8 bits keeps it.
@@ -97,6 +109,7 @@ def command(
         allow_pickle=allow_pickle,
         command="edgekit " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         progress=sys.stderr.isatty() and not as_json,
+        calib=calib,
     )
     if verify_text is not None:
         req.verify_text = verify_text

@@ -1,0 +1,290 @@
+"""Which attention sublayers matter: per-layer importance on calibration text, and `--skip auto:N`.
+
+The score follows "What Matters in Transformers? Not All Attention is Needed" (He et al. 2024,
+arXiv 2406.15786): for each layer, 1 − cos(x, y) where x is the residual stream entering the layer and
+y the residual stream after its attention sublayer (x + Attn(norm(x))), averaged over calibration
+tokens. A score near 0 means the sublayer barely turns the hidden state, so removing it should cost
+little; the sublayers with the lowest scores are the ones to skip. Cosine distance lies in [0, 2].
+
+Optionally each sublayer is also removed on its own and the perplexity change measured (FinerCut,
+arXiv 2405.18218, ranks by exactly this): slower, one evaluation per layer, but it measures the thing
+the cosine score predicts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+from edgekit.perplexity import perplexity, split_documents
+from edgekit.skipset import SkipSet
+
+DEFAULT_CALIB = Path(__file__).parent / "data" / "calib-tinystories.txt"
+DEFAULT_TOKEN_BUDGET = 4096
+MAX_WINDOW = 1024  # calibration chunks longer than this buy nothing for a redundancy estimate
+
+
+@dataclass
+class LayerScore:
+    layer: int
+    importance: float  # 1 − cos(residual in, residual after attention), mean over tokens; in [0, 2]
+    ppl_skipped: float | None = None  # perplexity with only this layer's attention removed
+    ppl_change: float | None = None  # relative to the intact model: 0.05 = 5 % worse
+
+
+@dataclass
+class Recommendation:
+    n: int
+    by_importance: list[int]  # the N lowest-importance layers, sorted
+    last_n: list[int]
+    by_measured: list[int] | None  # the N layers whose single removal raised perplexity least
+    importance_agrees_with_last_n: bool
+    measured_agrees_with_last_n: bool | None
+    measured_agrees_with_importance: bool | None
+
+
+@dataclass
+class Analysis:
+    model: str
+    num_layers: int
+    calib: str
+    tokens: int
+    documents: int
+    layers: list[LayerScore]
+    baseline_ppl: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def ranking(self) -> list[int]:
+        """Layers from least to most important (the order auto:N skips them in); ties keep later layers first."""
+        return [s.layer for s in sorted(self.layers, key=lambda s: (s.importance, -s.layer))]
+
+    def measured_ranking(self) -> list[int] | None:
+        if any(s.ppl_skipped is None for s in self.layers):
+            return None
+        return [s.layer for s in sorted(self.layers, key=lambda s: (s.ppl_skipped, -s.layer))]
+
+    def recommend(self, n: int) -> Recommendation:
+        if not 0 <= n < self.num_layers:
+            raise EdgekitError(f"--n {n}: must be between 0 and {self.num_layers - 1} (keep at least one attention)")
+        imp = sorted(self.ranking()[:n])
+        last = list(range(self.num_layers - n, self.num_layers))
+        measured_rank = self.measured_ranking()
+        meas = sorted(measured_rank[:n]) if measured_rank is not None else None
+        return Recommendation(
+            n=n,
+            by_importance=imp,
+            last_n=last,
+            by_measured=meas,
+            importance_agrees_with_last_n=imp == last,
+            measured_agrees_with_last_n=None if meas is None else meas == last,
+            measured_agrees_with_importance=None if meas is None else meas == imp,
+        )
+
+    def to_dict(self, n: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "calib": self.calib,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "score": "1 - cos(residual entering the layer, residual after its attention sublayer); low = redundant",
+            "baseline_ppl": self.baseline_ppl,
+            "layers": [asdict(s) for s in self.layers],
+            "ranking": self.ranking(),
+            "measured_ranking": self.measured_ranking(),
+        }
+        if n is not None:
+            out["recommendation"] = asdict(self.recommend(n))
+        return out
+
+    def manifest_ranking(self) -> dict[str, Any]:
+        """What a bundle exported with auto:N records about how its skip set was chosen."""
+        return {
+            "method": "cosine (arXiv 2406.15786)",
+            "calib": self.calib,
+            "tokens": self.tokens,
+            "order": self.ranking(),
+            "importance": {str(s.layer): round(s.importance, 6) for s in self.layers},
+        }
+
+
+def calibration_chunks(encode: Any, text_path: Path, budget: int, window: int) -> tuple[list[list[int]], int]:
+    """Token chunks of at most `window` tokens, documents split on <|endoftext|>, `budget` tokens in all.
+
+    Returns (chunks, number of documents used).
+    """
+    try:
+        text = Path(text_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgekitError(f"cannot read calibration text {text_path}: {e}") from e
+    if budget < 2:
+        raise EdgekitError(f"token budget {budget}: need at least 2 tokens")
+    chunks: list[list[int]] = []
+    used = docs = 0
+    for doc in split_documents(text):
+        ids = encode(doc)[: budget - used]
+        if len(ids) < 2:
+            continue
+        docs += 1
+        chunks.extend(ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) >= 2)
+        used += len(ids)
+        if used >= budget:
+            break
+    if not chunks:
+        raise EdgekitError(f"calibration text {text_path} has no document of two or more tokens")
+    return chunks, docs
+
+
+def attention_importance(model: Any, chunks: list[list[int]]) -> np.ndarray:
+    """Mean over tokens of 1 − cos(x, x + Attn(norm(x))) for every layer, from forward pre-hooks.
+
+    The residual entering layer i is what its input norm receives; the residual after the attention
+    sublayer is what its post-attention norm receives, so the hooks need no knowledge of the layer's code.
+    """
+    import torch
+
+    layers = model.model.layers
+    sums = np.zeros(len(layers), np.float64)
+    count = 0
+    seen: dict[int, torch.Tensor] = {}
+
+    def on_input(i: int):
+        def hook(module: Any, args: tuple) -> None:
+            seen[i] = args[0].detach()
+
+        return hook
+
+    def on_after_attention(i: int):
+        def hook(module: Any, args: tuple) -> None:
+            x, y = seen.pop(i).double(), args[0].detach().double()
+            sums[i] += float((1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum())
+
+        return hook
+
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            if not hasattr(layer, "input_layernorm"):
+                raise EdgekitError(f"layer {i} has no attention sublayer to score (already skipped)")
+            handles.append(layer.input_layernorm.register_forward_pre_hook(on_input(i)))
+            handles.append(layer.post_attention_layernorm.register_forward_pre_hook(on_after_attention(i)))
+        with torch.no_grad():
+            for ids in chunks:
+                model(input_ids=torch.as_tensor([ids], dtype=torch.long), use_cache=False)
+                count += len(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums / max(count, 1)
+
+
+def _ppl(model: Any, chunks: list[list[int]], window: int) -> float:
+    from edgekit.surgery import full_logits
+
+    return perplexity(lambda ids: full_logits(model, ids).numpy(), chunks, window=window).perplexity
+
+
+def analyze_checkpoint(
+    ckpt: Any,
+    calib: Path | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    measure: bool = False,
+    model: Any = None,
+    progress: Any = None,
+) -> Analysis:
+    """Score every layer's attention sublayer on `calib` (default: the shipped TinyStories sample)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from edgekit.load import load_torch_model
+    from edgekit.surgery import apply_skip
+
+    calib = Path(calib) if calib is not None else DEFAULT_CALIB
+    tok_file = Path(ckpt.path) / "tokenizer.json"
+    if not tok_file.is_file():
+        raise EdgekitError(f"{ckpt.path} has no tokenizer.json, which analysis needs to read the calibration text")
+    tokenizer = Tokenizer.from_file(str(tok_file))
+    window = min(ckpt.spec.max_context, MAX_WINDOW)
+    chunks, docs = calibration_chunks(lambda s: tokenizer.encode(s).ids, calib, token_budget, window)
+    model = model if model is not None else load_torch_model(ckpt)
+    torch.manual_seed(0)
+    scores = attention_importance(model, chunks)
+    layers = [LayerScore(i, float(s)) for i, s in enumerate(scores)]
+    baseline = None
+    if measure:
+        # Each chunk is scored as its own window, so the numbers compare across layers and with eval's.
+        baseline = _ppl(model, chunks, window)
+        for s in layers:
+            skipped = apply_skip(copy.deepcopy(model), SkipSet.explicit([s.layer], ckpt.spec.num_layers))
+            s.ppl_skipped = _ppl(skipped, chunks, window)
+            s.ppl_change = s.ppl_skipped / baseline - 1
+            del skipped
+            if progress:
+                progress(1)
+    return Analysis(
+        model=ckpt.source_id,
+        num_layers=ckpt.spec.num_layers,
+        calib=calib.name,
+        tokens=sum(len(c) for c in chunks),
+        documents=docs,
+        layers=layers,
+        baseline_ppl=baseline,
+    )
+
+
+def parse_auto(skip: Any) -> int | None:
+    """'auto:N' → N; anything else → None."""
+    if isinstance(skip, str) and skip.startswith("auto:") and skip[5:].isdigit():
+        return int(skip[5:])
+    return None
+
+
+def auto_skip(ckpt: Any, n: int, calib: Path | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET) -> SkipSet:
+    """The N least important attention sublayers on the calibration text, ranking attached for the manifest."""
+    layers = ckpt.spec.num_layers
+    if not 0 <= n < layers:
+        raise EdgekitError(f"--skip auto:{n}: the model has {layers} layers; N must be between 0 and {layers - 1}")
+    if n == 0:
+        return SkipSet.none(layers)
+    analysis = analyze_checkpoint(ckpt, calib, token_budget)
+    chosen = SkipSet.explicit(analysis.ranking()[:n], layers, rule=f"auto:{n}")
+    return SkipSet(chosen.num_layers, chosen.skipped, chosen.rule, ranking=analysis.manifest_ranking())
+
+
+def plot_analysis(analysis: Analysis, path: Path, n: int | None = None) -> Path:
+    """Bar chart of per-layer importance (and measured perplexity change, if any); skip candidates highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = analysis.measured_ranking() is not None
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(10 if measured else 6, 3.6), squeeze=False)
+    chosen = set(analysis.recommend(n).by_importance) if n else set()
+    xs = [s.layer for s in analysis.layers]
+    colors = ["tab:orange" if i in chosen else "tab:blue" for i in xs]
+    ax = axes[0][0]
+    ax.bar(xs, [s.importance for s in analysis.layers], color=colors)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("1 − cos(in, after attention)")
+    ax.set_title("attention sublayer importance" + (f" (orange: auto:{n})" if n else ""))
+    ax.set_xticks(xs)
+    if measured:
+        ax = axes[0][1]
+        ax.bar(xs, [100 * (s.ppl_change or 0) for s in analysis.layers], color=colors)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("perplexity change when removed (%)")
+        ax.set_title(f"measured (intact: {analysis.baseline_ppl:.3f})")
+        ax.set_xticks(xs)
+    fig.suptitle(f"{analysis.model} on {analysis.calib} ({analysis.tokens} tokens)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
