@@ -159,7 +159,13 @@ def _quality_gate(
 
     t = time.perf_counter()
     q = quality_gate(
-        ckpt, list(skip.skipped), folder, req.calib or DEFAULT_TEXT, req.max_ppl_increase, context, req.quant.mode,
+        ckpt,
+        list(skip.skipped),
+        folder,
+        req.calib or DEFAULT_TEXT,
+        req.max_ppl_increase,
+        context,
+        req.quant.mode,
         max_tokens=req.calib_tokens,
     )
     seconds["quality"] = time.perf_counter() - t

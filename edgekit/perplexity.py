@@ -1,13 +1,15 @@
 """Perplexity over documents with sliding windows, for any backend that maps tokens to logits.
 
 The same function serves an ONNX bundle and a PyTorch checkpoint, so their numbers are computed the
-same way and can be compared.
+same way and can be compared. `scored_windows` is the one place that decides which token is scored
+with which context; perplexity and agreement with a reference both walk it.
 """
 
 from __future__ import annotations
 
+import codecs
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,14 @@ class PerplexityResult:
         }
 
 
+def parse_separator(text: str | None) -> str | None:
+    """What the user typed for --separator: backslash escapes (`\\n`, `\\n\\n`) read as in Python;
+    'none' or '' means the whole text is one document."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    return codecs.decode(text, "unicode_escape") if "\\" in text else text
+
+
 def split_documents(text: str, separator: str | None = DOC_SEPARATOR) -> list[str]:
     parts = text.split(separator) if separator and separator in text else [text]
     return [p.strip() for p in parts if p.strip()]
@@ -45,42 +55,44 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
 
 
-def token_nlls(logits_fn: LogitsFn, ids: list[int], window: int, stride: int) -> np.ndarray:
-    """NLL of every token after the first, each scored exactly once (the Hugging Face recipe).
+def windows(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, skip) for each window: tokens begin..end-1 go in, and the predictions for
+    positions begin+1+skip .. end-1 are the ones this window scores (each token exactly once).
 
-    Windows of up to `window` tokens start every `stride` tokens; each scores only the tokens no
-    earlier window scored, so late tokens keep at least window - stride tokens of context.
+    Windows of up to `window` tokens start every `stride` tokens, so late tokens keep at least
+    window - stride tokens of context (the Hugging Face recipe). Token 0 has no context and is never scored.
     """
-    nll: list[np.ndarray] = []
-    scored_to = 1  # token 0 has no context and is never scored
-    for begin in range(0, max(len(ids) - 1, 0), stride):
-        end = min(begin + window, len(ids))
-        chunk = ids[begin:end]
-        lp = log_softmax(logits_fn(chunk))
-        targets = np.asarray(chunk[1:])
-        per_token = -lp[np.arange(len(targets)), targets]  # per_token[k] scores position begin + k + 1
-        nll.append(per_token[scored_to - begin - 1 :])
+    if window < 2:
+        raise ValueError("window must be at least 2 tokens")
+    stride = max(1, min(stride, window - 1))
+    scored_to = 1
+    for begin in range(0, max(n_tokens - 1, 0), stride):
+        end = min(begin + window, n_tokens)
+        yield begin, end, scored_to - begin - 1
         scored_to = end
-        if end == len(ids):
+        if end == n_tokens:
             break
+
+
+def scored_windows(
+    logits_fn: LogitsFn, ids: list[int], window: int, stride: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per window: log-probabilities [n, vocab] (float64) and the target ids [n] of the tokens it scores."""
+    for begin, end, skip in windows(len(ids), window, stride):
+        chunk = ids[begin:end]
+        lp = log_softmax(logits_fn(chunk)[:-1])  # row k predicts chunk[k + 1]
+        yield lp[skip:], np.asarray(chunk[1 + skip :])
+
+
+def token_nlls(logits_fn: LogitsFn, ids: list[int], window: int, stride: int) -> np.ndarray:
+    """NLL of every token after the first, each scored exactly once."""
+    nll = [-lp[np.arange(len(t)), t] for lp, t in scored_windows(logits_fn, ids, window, stride)]
     return np.concatenate(nll) if nll else np.zeros(0)
 
 
-def perplexity(
-    logits_fn: LogitsFn,
-    documents: Iterable[list[int]],
-    window: int,
-    stride: int | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> PerplexityResult:
-    stride = stride or window // 2
-    per_doc: list[np.ndarray] = []
-    for ids in documents:
-        nll = token_nlls(logits_fn, ids, window, stride)
-        if len(nll):
-            per_doc.append(nll)
-        if progress:
-            progress(1)
+def summarize(per_doc: list[np.ndarray]) -> PerplexityResult:
+    """Token-weighted perplexity of per-document NLL arrays, with a 95% interval."""
+    per_doc = [d for d in per_doc if len(d)]
     if not per_doc:
         raise ValueError("no document has two or more tokens to score")
     all_nll = np.concatenate(per_doc)
@@ -96,3 +108,19 @@ def perplexity(
     return PerplexityResult(
         math.exp(mean), mean, len(all_nll), len(per_doc), (math.exp(mean - half), math.exp(mean + half))
     )
+
+
+def perplexity(
+    logits_fn: LogitsFn,
+    documents: Iterable[list[int]],
+    window: int,
+    stride: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    stride = stride or max(1, window // 2)
+    per_doc: list[np.ndarray] = []
+    for ids in documents:
+        per_doc.append(token_nlls(logits_fn, ids, window, stride))
+        if progress:
+            progress(1)
+    return summarize(per_doc)
