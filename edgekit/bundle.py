@@ -9,6 +9,7 @@ power loss) carry the writer's pid and are removed by the next export to the sam
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -21,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
+from edgekit.manifest_schema import MANIFEST, SCHEMA_VERSION, validate_manifest
 
-MANIFEST = "edgekit.json"
-SCHEMA_VERSION = 1
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "Bundle", "open_bundle", "read_bundle", "validate_manifest"]
+
 TMP_MARK = ".edgekit-tmp-"
-REQUIRED_KEYS = ("schema_version", "model", "source", "architecture", "skip", "graph", "quantization", "files")
+LOCK_SUFFIX = ".edgekit-lock"
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB; refuse to parse a huge one
+# Errors that mean "the disk or the folder refused the write", not an edgekit bug.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ def clean_stale_temporaries(parent: Path, name: str) -> list[Path]:
 
 
 def _check_target(target: Path, force: bool) -> None:
+    if TMP_MARK in target.name or target.name.endswith(LOCK_SUFFIX) or target.name.startswith("."):
+        # such names are reserved for edgekit's own temporaries (and hidden folders are easy to lose)
+        raise EdgekitError(f"output name {target.name!r} is reserved or hidden; choose another -o")
     if target.exists() or target.is_symlink():
         if not target.is_dir():
             raise EdgekitError(f"output {target} exists and is not a folder; choose another -o")
@@ -106,29 +114,46 @@ def bundle_writer(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder to fill; on clean exit it becomes `target`, on any error it is removed."""
     target = target.absolute()
     _check_target(target, force)
-    lock_path = target.parent / f".{target.name}.edgekit-lock"
+    lock_path = target.parent / f".{target.name}{LOCK_SUFFIX}"
+    lock = _acquire_lock(lock_path, target)
     try:
-        lock = open(lock_path, "w")  # noqa: SIM115 - held for the whole export
-    except OSError as e:
-        raise EdgekitError(f"cannot write in {target.parent}: {e.strerror}") from e
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise EdgekitError(f"another edgekit export is writing {target} right now") from e
         clean_stale_temporaries(target.parent, target.name)
         tmp = target.parent / f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             yield tmp
             _commit(tmp, target, force)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+                raise EdgekitError(f"cannot write the bundle in {target.parent}: {e.strerror}; nothing was kept") from e
             raise
     finally:
         with contextlib.suppress(OSError):
             lock_path.unlink()
         lock.close()
+
+
+def _acquire_lock(lock_path: Path, target: Path) -> Any:
+    """An exclusive flock on `lock_path`. The file is unlinked when its holder finishes, so a waiter may
+    have locked an inode that is already gone: check that the path still names the locked file."""
+    for _ in range(5):
+        try:
+            lock = open(lock_path, "a")  # noqa: SIM115 - held for the whole export
+        except OSError as e:
+            raise EdgekitError(f"cannot write in {target.parent}: {e.strerror}") from e
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            lock.close()
+            raise EdgekitError(f"another edgekit export is writing {target} right now; try again when it ends") from e
+        try:
+            if os.fstat(lock.fileno()).st_ino == os.stat(lock_path).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()
+    raise EdgekitError(f"could not lock {lock_path}: other exports keep replacing it")
 
 
 def _commit(tmp: Path, target: Path, force: bool) -> None:
@@ -168,35 +193,17 @@ def read_bundle(path: Path | str) -> Bundle:
     if not mf.is_file():
         raise EdgekitError(f"{path} is not an edgekit bundle: it has no {MANIFEST}")
     try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
+        if mf.stat().st_size > MAX_MANIFEST_BYTES:
+            raise EdgekitError(f"{mf} is {mf.stat().st_size} bytes; a manifest is a few KB, so this is not one")
+        manifest = json.loads(mf.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgekitError(f"{mf} is not valid JSON: {e}") from e
-    validate_manifest(manifest, mf)
+    except RecursionError as e:  # deeply nested JSON
+        raise EdgekitError(f"{mf} is not a manifest: its JSON nests too deeply") from e
+    except OSError as e:
+        raise EdgekitError(f"cannot read {mf}: {e.strerror}") from e
+    validate_manifest(manifest, str(mf))
     return Bundle(path, manifest)
-
-
-def validate_manifest(manifest: Any, where: Path | str = MANIFEST) -> None:
-    if not isinstance(manifest, dict):
-        raise EdgekitError(f"{where}: the manifest is not a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise EdgekitError(f"{where}: manifest lacks '{missing[0]}'")
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        raise EdgekitError(
-            f"{where}: manifest schema {manifest['schema_version']!r}; this edgekit reads schema {SCHEMA_VERSION}"
-        )
-    for key in ("skip", "graph", "quantization", "files", "architecture", "source"):
-        if not isinstance(manifest[key], dict):
-            raise EdgekitError(f"{where}: manifest '{key}' is not an object")
-    graph, skip = manifest["graph"], manifest["skip"]
-    if not isinstance(graph.get("file"), str) or "/" in graph["file"] or graph["file"].startswith("."):
-        raise EdgekitError(f"{where}: manifest graph.file must be a plain file name")
-    for key in ("kept", "skipped"):
-        if not isinstance(skip.get(key), list) or not all(isinstance(i, int) for i in skip[key]):
-            raise EdgekitError(f"{where}: manifest skip.{key} must be a list of layer indices")
-    for name, entry in manifest["files"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or ".." in Path(name).parts:
-            raise EdgekitError(f"{where}: manifest entry for file '{name}' is malformed")
 
 
 def check_integrity(bundle: Bundle) -> list[str]:
@@ -204,15 +211,22 @@ def check_integrity(bundle: Bundle) -> list[str]:
     problems = []
     for name, entry in bundle.manifest["files"].items():
         p = bundle.path / name
-        if not p.is_file():
-            problems.append(f"{name}: missing")
-        elif p.stat().st_size != entry.get("bytes"):
-            problems.append(f"{name}: size {p.stat().st_size} != {entry.get('bytes')}")
-        elif sha256_file(p) != entry["sha256"]:
-            problems.append(f"{name}: sha256 differs")
+        try:
+            if p.is_symlink():  # a link can point anywhere; the bundle must hold its own bytes
+                problems.append(f"{name}: a symbolic link, not a file")
+            elif not p.is_file():
+                problems.append(f"{name}: missing")
+            elif p.stat().st_size != entry["bytes"]:
+                problems.append(f"{name}: size {p.stat().st_size} != {entry['bytes']} in the manifest")
+            elif sha256_file(p) != entry["sha256"]:
+                problems.append(f"{name}: sha256 differs from the manifest")
+        except OSError as e:
+            problems.append(f"{name}: cannot read ({e.strerror})")
     listed = set(bundle.manifest["files"]) | {MANIFEST}
     problems += [
-        f"{p.name}: not in the manifest" for p in bundle.path.iterdir() if p.is_file() and p.name not in listed
+        f"{rel}: not in the manifest"
+        for rel in sorted(p.relative_to(bundle.path).as_posix() for p in bundle.path.rglob("*") if not p.is_dir())
+        if rel not in listed
     ]
     return problems
 

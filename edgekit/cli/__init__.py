@@ -41,9 +41,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from edgekit.cli import export_cmd, inspect_cmd, models_cmd
+    from edgekit.cli import export_cmd, inspect_cmd, models_cmd, verify_cmd
 
-    for module in (export_cmd, inspect_cmd, models_cmd):
+    for module in (export_cmd, inspect_cmd, models_cmd, verify_cmd):
         cli.add_command(module.command)
 
 
