@@ -18,10 +18,12 @@ from edgekit import __version__
 from edgekit.bundle import SCHEMA_VERSION, bundle_writer, write_manifest
 from edgekit.errors import EdgekitError
 from edgekit.graph import build_decoder
+from edgekit.graph_standard import build_standard_decoder
 from edgekit.load import Checkpoint, load_torch_model, open_checkpoint
 from edgekit.quantize import QuantConfig
 from edgekit.resolve import ResolvedModel, resolve_model
 from edgekit.skipset import SkipSet, last_n, parse_layer_list
+from edgekit.targets import add_target, finish_target, plan_target
 from edgekit.verify import DEFAULT_TEXT, VerifyReport, verify
 
 TOKENIZER_FILES = (
@@ -53,6 +55,9 @@ class ExportRequest:
     calib: Path | None = None  # calibration text; ranks layers for auto:N [default: shipped TinyStories]
     max_ppl_increase: float | None = None  # quality gate: bundle ppl on calib vs unskipped fp32, relative
     calib_tokens: int = 16384  # tokens of the calibration text the quality gate scores
+    flavour: str = "fused"  # "standard": plain ONNX ops for mobile EPs (graph_standard.py)
+    recipe: Any = None  # edgekit.recipes.Recipe: memory budget, providers, .ort, fixed shapes (targets.py)
+    device_memory_gb: float | None = None  # memory budget without a recipe (overrides the recipe's)
 
 
 @dataclass
@@ -115,13 +120,15 @@ def export(req: ExportRequest) -> ExportResult:
     if context < 2 or context > ckpt.spec.max_context:
         raise EdgekitError(f"--max-context {context}: must be between 2 and the model's {ckpt.spec.max_context}")
     target = req.output or default_output(resolved, skip, req.quant)
+    memory = plan_target(req, ckpt, skip, context)  # refuses what the device's memory cannot hold
     seconds["load"] = time.perf_counter() - t0
 
     with bundle_writer(target, req.force) as tmp:
         t = time.perf_counter()
         progress = _progress(ckpt.spec.num_layers, "export", req.progress)
         try:
-            contract, data_file = build_decoder(
+            build = build_standard_decoder if req.flavour == "standard" else build_decoder
+            contract, data_file = build(
                 ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=lambda i: progress.update(1)
             )
         finally:
@@ -140,11 +147,20 @@ def export(req: ExportRequest) -> ExportResult:
                     f"{report.tolerance:.3g} (top-1 agreement {report.top1_agreement:.3f}); no bundle written"
                 )
         quality = _quality_gate(req, ckpt, skip, tmp, context, seconds)
+        model_bytes = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
+        device_files = finish_target(tmp, req, ckpt, skip, contract, context)  # genai_config, .ort, fixed shapes
         seconds["total"] = time.perf_counter() - t0
         manifest = write_manifest(
             tmp,
-            _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
-            | ({"quality": quality} if quality else {}),
+            add_target(
+                _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
+                | ({"quality": quality} if quality else {}),
+                req,
+                contract,
+                memory,
+                device_files,
+                model_bytes,
+            ),
         )
     return ExportResult(target, manifest, seconds)
 
