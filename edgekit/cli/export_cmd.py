@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from edgekit.cli.output import emit_json, human_bytes, layer_list
+from edgekit.eval_gate import parse_increase
 from edgekit.export import ExportRequest, export
 from edgekit.quantize import QUANT_MODES, QuantConfig
 from edgekit.skipset import parse_skip_count
@@ -53,8 +54,16 @@ from edgekit.skipset import parse_skip_count
 @click.option(
     "--calib",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="Calibration text that ranks layers for --skip auto:N [default: shipped TinyStories sample].",
+    help="Calibration text that ranks layers for --skip auto:N and feeds --max-ppl-increase "
+    "[default: shipped TinyStories sample, split on <|endoftext|>].",
 )
+@click.option(
+    "--max-ppl-increase",
+    metavar="PCT",
+    help="Quality gate: fail (write nothing) if the bundle's perplexity on --calib exceeds the unskipped fp32 "
+    "model's by more than this, e.g. 5%. The numbers go to the manifest's quality section.",
+)
+@click.option("--calib-tokens", default=16384, show_default=True, help="Tokens of --calib the quality gate scores.")
 @click.option("--allow-download", is_flag=True, help="Download the model from the Hugging Face hub if needed.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (never by default).")
 @click.option("--allow-pickle", is_flag=True, help="Load *.bin pickle weights with torch's weights-only loader.")
@@ -73,6 +82,8 @@ def command(
     no_verify: bool,
     verify_text: Path | None,
     calib: Path | None,
+    max_ppl_increase: str | None,
+    calib_tokens: int,
     allow_download: bool,
     trust_remote_code: bool,
     allow_pickle: bool,
@@ -89,6 +100,7 @@ def command(
       edgekit export llama2-7b --skip 8 --quant int8 -o out/llama2-7b-skip8-int8
       edgekit export ./my-llama-checkpoint --skip-layers 20,24-31 --quant int4
       edgekit export stories260k --skip auto:2 --calib my-text.txt   # the 2 least important (analyze)
+      edgekit export llama2-7b --skip 8 --quant int4 --max-ppl-increase 5% --calib wiki.valid.txt
     """
     if lm_head_bits is None:
         # int4 on lm_head costs measurable perplexity (see the export issue's note); 8 bits keeps it.
@@ -110,6 +122,8 @@ def command(
         command="edgekit " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         progress=sys.stderr.isatty() and not as_json,
         calib=calib,
+        max_ppl_increase=parse_increase(max_ppl_increase) if max_ppl_increase is not None else None,
+        calib_tokens=calib_tokens,
     )
     if verify_text is not None:
         req.verify_text = verify_text
@@ -147,4 +161,10 @@ def command(
             )
     else:
         click.echo("  parity     not checked (--no-verify)")
+    if m.get("quality"):
+        qd = m["quality"]
+        click.echo(
+            f"  quality    perplexity {qd['ppl_bundle']:.3f} vs {qd['ppl_reference']:.3f} (unskipped fp32): "
+            f"{qd['increase']:+.1%}, bound {qd['max_increase']:+.1%}, on {qd['tokens']} tokens of {qd['text']}"
+        )
     click.echo(f"  time       {result.seconds['total']:.1f} s")
