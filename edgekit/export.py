@@ -23,7 +23,7 @@ from edgekit.load import Checkpoint, load_torch_model, open_checkpoint
 from edgekit.quantize import QuantConfig
 from edgekit.resolve import ResolvedModel, resolve_model
 from edgekit.skipset import SkipSet, last_n, parse_layer_list
-from edgekit.targets import add_target, finish_target, plan_target
+from edgekit.targets import add_target, finish_target, plan_target, recipe_context
 from edgekit.verify import DEFAULT_TEXT, VerifyReport, verify
 
 TOKENIZER_FILES = (
@@ -116,7 +116,7 @@ def export(req: ExportRequest) -> ExportResult:
     resolved = resolve_model(req.model, allow_download=req.allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, req.trust_remote_code, req.allow_pickle)
     skip = choose_skip(req, ckpt)
-    context = req.max_context or ckpt.spec.max_context
+    context = recipe_context(req, ckpt.spec.max_context)
     if context < 2 or context > ckpt.spec.max_context:
         raise EdgekitError(f"--max-context {context}: must be between 2 and the model's {ckpt.spec.max_context}")
     target = req.output or default_output(resolved, skip, req.quant)

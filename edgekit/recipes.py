@@ -300,3 +300,24 @@ def get_recipe(name_or_path: str) -> Recipe:
         if name_or_path in (r.name, r.make_target):
             return r
     raise EdgekitError(f"unknown recipe '{name_or_path}'; choose one of {', '.join(r.name for r in recipes)}")
+
+
+# What a recipe may set on `edgekit export`; an option given on the command line always wins.
+RECIPE_OPTIONS = ("skip", "quant", "flavour", "block_size", "accuracy_level", "symmetric", "lm_head_bits")
+
+
+def resolve_options(recipe: Recipe | None, explicit: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Command-line value if the user typed it, else the recipe's, else the option's default.
+
+    `--skip-layers` on the command line also suppresses the recipe's `skip` (they are alternatives), and
+    the recipe's max_context is applied later, clamped to the model's (see targets.recipe_context).
+    """
+    out = {**defaults, **explicit}
+    if recipe is None:
+        return out
+    for key in RECIPE_OPTIONS:
+        value = getattr(recipe, key)
+        if key in explicit or value is None or (key == "skip" and "skip_layers" in explicit):
+            continue
+        out[key] = value
+    return out

@@ -21,6 +21,13 @@ def graph_head_dim(flavour: str, head_dim: int) -> int:
     return padded_head_dim(head_dim) if flavour == "fused" else head_dim
 
 
+def recipe_context(req: Any, model_max: int) -> int:
+    """--max-context if given (checked against the model later), else the recipe's clamped to the model's."""
+    if req.max_context:
+        return req.max_context
+    return min(model_max, req.recipe.max_context) if req.recipe is not None else model_max
+
+
 def plan_target(req: Any, ckpt: Checkpoint, skip: SkipSet, context: int) -> MemoryEstimate:
     """Estimate memory; refuse (EdgekitError with what would fit) when over the device's budget."""
     recipe = req.recipe

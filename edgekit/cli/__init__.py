@@ -41,9 +41,29 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from edgekit.cli import export_cmd, inspect_cmd, models_cmd, verify_cmd
+    from edgekit.cli import (
+        analyze_cmd,
+        eval_cmd,
+        export_cmd,
+        inspect_cmd,
+        models_cmd,
+        profile_cmd,
+        recipes_cmd,
+        run_cmd,
+        verify_cmd,
+    )
 
-    for module in (export_cmd, inspect_cmd, models_cmd, verify_cmd):
+    for module in (
+        export_cmd,
+        inspect_cmd,
+        models_cmd,
+        run_cmd,
+        profile_cmd,
+        analyze_cmd,
+        verify_cmd,
+        eval_cmd,
+        recipes_cmd,
+    ):
         cli.add_command(module.command)
 
 

@@ -5,11 +5,13 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from edgekit.cli.output import emit_json, human_bytes, layer_list
 from edgekit.eval_gate import parse_increase
 from edgekit.export import ExportRequest, export
 from edgekit.quantize import QUANT_MODES, QuantConfig
+from edgekit.recipes import get_recipe, resolve_options
 from edgekit.skipset import parse_skip_count
 
 
@@ -67,6 +69,26 @@ from edgekit.skipset import parse_skip_count
 @click.option("--allow-download", is_flag=True, help="Download the model from the Hugging Face hub if needed.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (never by default).")
 @click.option("--allow-pickle", is_flag=True, help="Load *.bin pickle weights with torch's weights-only loader.")
+@click.option(
+    "--recipe",
+    metavar="NAME",
+    help="Device recipe (see `edgekit recipes`) or a recipe .yaml: sets skip, quant, flavour, context, memory "
+    "budget, providers and threads; options given here override it.",
+)
+@click.option(
+    "--flavour",
+    type=click.Choice(["fused", "standard"]),
+    default="fused",
+    show_default=True,
+    help="fused: onnxruntime contrib ops (CPU); standard: plain ONNX ops for XNNPACK/NNAPI/CoreML/QNN.",
+)
+@click.option("--symmetric/--asymmetric", default=False, help="int4/int8 blocks without/with zero points.")
+@click.option(
+    "--device-memory",
+    type=float,
+    metavar="GB",
+    help="Refuse exports whose estimated memory exceeds this (overrides the recipe's device memory).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def command(
     model: str,
@@ -87,6 +109,10 @@ def command(
     allow_download: bool,
     trust_remote_code: bool,
     allow_pickle: bool,
+    recipe: str | None,
+    flavour: str,
+    symmetric: bool,
+    device_memory: float | None,
     as_json: bool,
 ) -> None:
     """Strip attention sublayers, export to ONNX with a KV cache, quantize, verify, bundle.
@@ -101,7 +127,24 @@ def command(
       edgekit export ./my-llama-checkpoint --skip-layers 20,24-31 --quant int4
       edgekit export stories260k --skip auto:2 --calib my-text.txt   # the 2 least important (analyze)
       edgekit export llama2-7b --skip 8 --quant int4 --max-ppl-increase 5% --calib wiki.valid.txt
+      edgekit export llama2-7b --recipe raspberry-pi-5 --skip 8     # recipe settings, skip overridden
     """
+    chosen = get_recipe(recipe) if recipe else None
+    ctx = click.get_current_context()
+    given = {
+        k: v
+        for k, v in ctx.params.items()
+        if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    }
+    o = resolve_options(chosen, given, dict(ctx.params))
+    skip, quant, block_size, accuracy_level, symmetric = (
+        o["skip"],
+        o["quant"],
+        o["block_size"],
+        o["accuracy_level"],
+        o["symmetric"],
+    )
+    lm_head_bits = None if o["lm_head_bits"] is None else str(o["lm_head_bits"])
     if lm_head_bits is None:
         # int4 on lm_head costs measurable perplexity (see the export issue's note); 8 bits keeps it.
         lm_bits = 8 if quant == "int4" else None
@@ -109,9 +152,15 @@ def command(
         lm_bits = int(lm_head_bits)
     req = ExportRequest(
         model=model,
-        skip=parse_skip_count(skip) if skip is not None else None,
+        skip=parse_skip_count(str(skip)) if skip is not None else None,
         skip_layers=skip_layers,
-        quant=QuantConfig(mode=quant, block_size=block_size, accuracy_level=accuracy_level, lm_head_bits=lm_bits),
+        quant=QuantConfig(
+            mode=quant,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            symmetric=symmetric,
+            lm_head_bits=lm_bits,
+        ),
         output=output,
         force=force,
         verify=not no_verify,
@@ -124,6 +173,9 @@ def command(
         calib=calib,
         max_ppl_increase=parse_increase(max_ppl_increase) if max_ppl_increase is not None else None,
         calib_tokens=calib_tokens,
+        flavour=o["flavour"],
+        recipe=chosen,
+        device_memory_gb=device_memory,
     )
     if verify_text is not None:
         req.verify_text = verify_text
@@ -167,4 +219,18 @@ def command(
             f"  quality    perplexity {qd['ppl_bundle']:.3f} vs {qd['ppl_reference']:.3f} (unskipped fp32): "
             f"{qd['increase']:+.1%}, bound {qd['max_increase']:+.1%}, on {qd['tokens']} tokens of {qd['text']}"
         )
+    mem = m.get("memory")
+    if mem:
+        click.echo(
+            f"  memory     estimate {human_bytes(mem['total_bytes'])} (weights {human_bytes(mem['weights_bytes'])}, "
+            f"KV {human_bytes(mem['kv_cache_bytes'])} at {mem['context']} tokens, runtime "
+            f"{human_bytes(mem['overhead_bytes'])})" + (f" for {m['target']['name']}" if m.get("target") else "")
+        )
+    extras = [m["genai"]["config"]] if m.get("genai") else []
+    if m.get("fixed_shapes"):
+        extras += m["fixed_shapes"]["files"].values()
+    if m.get("ort_format"):
+        extras += m["ort_format"]["files"].values()
+    if extras:
+        click.echo(f"  device     {', '.join(extras)}")
     click.echo(f"  time       {result.seconds['total']:.1f} s")
