@@ -26,6 +26,35 @@ demo: install  ## export the embedded stories260K model (skip 2, int4), inspect 
 	$(BIN)/edgekit export $(MODEL) --skip $(SKIP) --quant $(QUANT) -o $(OUT)/demo-$(MODEL)-skip$(SKIP)-$(QUANT) --force
 	$(BIN)/edgekit inspect $(OUT)/demo-$(MODEL)-skip$(SKIP)-$(QUANT)
 
+# Device targets (edgekit/data/recipes, also at recipes/): the recipe sets skip, quant, flavour, context,
+# memory budget and providers; SKIP, QUANT or CONTEXT given on the make command line override it.
+given        = $(filter command environment,$(firstword $(origin $(1))))
+RECIPE_FLAGS = $(if $(call given,SKIP),--skip $(SKIP)) $(if $(call given,QUANT),--quant $(QUANT)) \
+               $(if $(CONTEXT),--max-context $(CONTEXT))
+DEVICE_OUT   = $(OUT)/$(notdir $(patsubst %/,%,$(MODEL)))-$@
+
+.PHONY: laptop-avx2 laptop-avx512 pi5 android apple qnn recipes
+recipes: install  ## list the device recipes behind the targets below
+	$(BIN)/edgekit recipes
+
+laptop-avx2: install  ## x86 laptop, AVX2: fused graph, int4 (MODEL=..., SKIP=N optional)
+	$(BIN)/edgekit export $(MODEL) --recipe laptop-x86-avx2 $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
+
+laptop-avx512: install  ## x86 laptop, AVX-512 VNNI: fused graph, int8 symmetric
+	$(BIN)/edgekit export $(MODEL) --recipe laptop-x86-avx512-vnni $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
+
+pi5: install  ## Raspberry Pi 5 (arm64, 4 cores, 8 GB): fused graph, int4 symmetric
+	$(BIN)/edgekit export $(MODEL) --recipe raspberry-pi-5 $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
+
+android: install  ## Android arm64 (XNNPACK/NNAPI): standard graph, int8, .ort + fixed shapes
+	$(BIN)/edgekit export $(MODEL) --recipe android-arm64 $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
+
+apple: install  ## Apple silicon (CoreML): standard graph, fp16, .ort + fixed shapes
+	$(BIN)/edgekit export $(MODEL) --recipe apple $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
+
+qnn: install  ## Snapdragon NPU (QNN HTP): standard graph, fp16, fixed shapes
+	$(BIN)/edgekit export $(MODEL) --recipe qualcomm-npu $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
+
 test: install  ## run the test suite
 	$(BIN)/pytest
 

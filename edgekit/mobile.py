@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -102,6 +103,7 @@ def convert_to_ort(folder: Path, models: list[str], runtime_optimizations: bool)
         for data in folder.glob("*.onnx.data"):
             (stage / data.name).symlink_to(data.resolve())
         log = io.StringIO()
+        logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # it logs every config it writes
         try:
             with contextlib.redirect_stdout(log):
                 convert_onnx_models_to_ort(
