@@ -97,7 +97,8 @@ class KVEngine:
         self.length = 0
 
     def forward(self, ids: Sequence[int]) -> np.ndarray:
-        """Feed `ids` after what is cached; logits [len(ids), vocab]. One token uses a preallocated output."""
+        """Feed `ids` after what is cached; logits [len(ids), vocab]. For one token the result is a view of
+        a preallocated output buffer, overwritten by the next step: copy it to keep it."""
         n = len(ids)
         total = self.length + n
         if n == 0:
@@ -208,6 +209,7 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    pieces: list[str] = field(default_factory=list)  # each token's streamed text; "".join(pieces) == text
     stop_reason: str = ""  # "eos", "length" or "context"
     prefill_s: float = 0.0  # prompt forward + first token: the time to first token
     step_s: list[float] = field(default_factory=list)  # each later token's forward + sampling
@@ -290,7 +292,6 @@ class Generator:
         detok = _Detokenizer(self.tokenizer, ids)
         result = Generation(prompt_ids=ids)
         self.last = result
-        texts: list[str] = []
 
         start = time.perf_counter()
         token = sample(self.engine.forward(ids)[-1])
@@ -301,7 +302,7 @@ class Generator:
                 break
             result.token_ids.append(token)
             text = detok.push(token)
-            texts.append(text)
+            result.pieces.append(text)
             yield Token(token, text, elapsed)
             if len(result.token_ids) >= config.max_new_tokens:
                 result.stop_reason = "length"
@@ -313,7 +314,7 @@ class Generator:
             token = sample(self.engine.forward([token])[0])
             elapsed = time.perf_counter() - start
             result.step_s.append(elapsed)
-        result.text = "".join(texts)
+        result.text = "".join(result.pieces)
         return result
 
     def generate(
