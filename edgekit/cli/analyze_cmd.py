@@ -7,6 +7,7 @@ import click
 
 from edgekit.analyze import DEFAULT_TOKEN_BUDGET, analyze_checkpoint
 from edgekit.cli.output import emit_json, layer_list
+from edgekit.errors import EdgekitError
 from edgekit.load import open_checkpoint
 from edgekit.resolve import resolve_model
 
@@ -71,8 +72,10 @@ def command(
 
         bar = tqdm(total=ckpt.spec.num_layers, desc="measure", unit="layer", file=sys.stderr, leave=False)
         progress = bar.update
-    analysis = analyze_checkpoint(ckpt, calib, token_budget, measure=measure, progress=progress)
-    rec = analysis.recommend(n)  # validates N before anything is written
+    if not 0 <= n < ckpt.spec.num_layers:
+        raise EdgekitError(f"--n {n}: must be between 0 and {ckpt.spec.num_layers - 1} (keep one attention layer)")
+    analysis = analyze_checkpoint(ckpt, calib, token_budget, measure=measure, progress=progress, rounds=n)
+    rec = analysis.recommend(n)
     if plot is not None:
         from edgekit.analyze import plot_analysis
 
@@ -96,16 +99,17 @@ def command(
         click.echo(line)
     if analysis.baseline_ppl is not None:
         click.echo(f"  intact model perplexity {analysis.baseline_ppl:.3f}")
-    click.echo(f"recommended skip set for N={n}: {layer_list(rec.by_importance)}  (--skip auto:{n})")
+    click.echo(f"recommended skip set for N={n}: {layer_list(rec.auto)}  (--skip auto:{n}, greedy re-scoring)")
+    click.echo(f"  one-shot ranking (lowest {n} scores above) picks {layer_list(rec.one_shot)}")
     click.echo(
         f"  last {n} ({layer_list(rec.last_n)}) "
-        + ("is the same set" if rec.importance_agrees_with_last_n else "differs from it")
+        + ("is the same set" if rec.auto_agrees_with_last_n else "differs from the recommendation")
     )
     if rec.by_measured is not None:
         click.echo(
             f"  measured single-layer ranking picks {layer_list(rec.by_measured)}: "
-            + ("agrees" if rec.measured_agrees_with_importance else "disagrees")
-            + " with the cosine ranking, "
+            + ("agrees" if rec.measured_agrees_with_auto else "disagrees")
+            + " with the recommendation, "
             + ("agrees" if rec.measured_agrees_with_last_n else "disagrees")
             + " with last N"
         )
