@@ -98,11 +98,22 @@ def quantize_node(
     Returns the replacement nodes and their initializers; the float weight is not among them.
     """
     scratch = onnx.GraphProto()
-    scratch.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight, dtype=np.float32), weight_name))
+    scratch.initializer.append(numpy_helper.from_array(_contiguous_f32(weight), weight_name))
     nodes = _ort_quantizer(bits, cfg).quantize(node, [scratch])
     if len(nodes) == 1 and nodes[0].op_type == node.op_type:
         raise EdgekitError(f"onnxruntime could not quantize {weight_name} to {bits} bits")
     return list(nodes), [t for t in scratch.initializer if t.name != weight_name]
+
+
+def _contiguous_f32(weight: np.ndarray) -> np.ndarray:
+    """The same array, C-contiguous float32. Weights arrive transposed ([out, in] read as [in, out]); numpy's
+    copy of a large transposed matrix is cache-hostile (3 s for a 7B MLP weight), torch's blocked,
+    multi-threaded copy takes a sixth of that, and the bytes are identical."""
+    if weight.dtype == np.float32 and weight.flags.c_contiguous:
+        return weight
+    import torch
+
+    return torch.from_numpy(np.asarray(weight, dtype=np.float32)).contiguous().numpy()
 
 
 def matmul_node(x: str, weight_name: str, out: str, name: str) -> onnx.NodeProto:
