@@ -8,7 +8,7 @@ SKIP    ?= 2
 QUANT   ?= int4
 OUT     ?= out
 
-.PHONY: help install demo test lint bench clean
+.PHONY: help install demo test lint bench bench-speed clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-18s %s\n", $$1, $$2}'
@@ -61,6 +61,11 @@ test: install  ## run the test suite
 lint: install  ## ruff lint + format check
 	$(BIN)/ruff check edgekit tests bench
 	$(BIN)/ruff format --check edgekit tests bench
+
+bench: bench-speed  ## run the benchmarks (bench/; slow, not part of test)
+
+bench-speed: install  ## TinyLlama-1.1B-shaped skip 0 vs skip 6: int4/int8/fp32 decode at 128/1024 context (THREADS=2)
+	$(PYTHON) bench/speed.py --threads $(or $(THREADS),2)
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(OUT) build dist *.egg-info .pytest_cache .ruff_cache
