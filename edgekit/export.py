@@ -17,6 +17,7 @@ from typing import Any
 from edgekit import __version__
 from edgekit.bundle import SCHEMA_VERSION, bundle_writer, write_manifest
 from edgekit.errors import EdgekitError
+from edgekit.export_memory import RssWatch, plan_export_memory
 from edgekit.graph import build_decoder
 from edgekit.graph_standard import build_standard_decoder
 from edgekit.load import Checkpoint, load_torch_model, open_checkpoint
@@ -58,6 +59,8 @@ class ExportRequest:
     flavour: str = "fused"  # "standard": plain ONNX ops for mobile EPs (graph_standard.py)
     recipe: Any = None  # edgekit.recipes.Recipe: memory budget, providers, .ort, fixed shapes (targets.py)
     device_memory_gb: float | None = None  # memory budget without a recipe (overrides the recipe's)
+    max_memory: int | None = None  # bytes the export process may use (--max-memory); None: 80% of free RAM
+    verify_method: str = "auto"  # "full" (fp32 PyTorch model) | "streaming" (layer by layer) | "auto"
 
 
 @dataclass
@@ -121,26 +124,34 @@ def export(req: ExportRequest) -> ExportResult:
         raise EdgekitError(f"--max-context {context}: must be between 2 and the model's {ckpt.spec.max_context}")
     target = req.output or default_output(resolved, skip, req.quant)
     memory = plan_target(req, ckpt, skip, context)  # refuses what the device's memory cannot hold
+    export_memory = plan_export_memory(  # refuses what this machine's budget cannot hold, before writing
+        ckpt.spec, skip, req.quant, memory.weights_bytes, req.max_memory, req.verify, req.verify_method
+    )
     seconds["load"] = time.perf_counter() - t0
 
-    with bundle_writer(target, req.force) as tmp:
+    with bundle_writer(target, req.force) as tmp, RssWatch(req.max_memory) as rss:
         t = time.perf_counter()
         progress = _progress(ckpt.spec.num_layers, "export", req.progress)
+
+        def on_layer(i: int) -> None:
+            progress.update(1)
+            rss.check(f"layer {i}")
+
         try:
             build = build_standard_decoder if req.flavour == "standard" else build_decoder
-            contract, data_file = build(
-                ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=lambda i: progress.update(1)
-            )
+            contract, data_file = build(ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=on_layer)
         finally:
             progress.close()
+        rss.check("graph writing")
         seconds["build"] = time.perf_counter() - t
         tokenizer_files = _copy_tokenizer(ckpt.path, tmp)
 
         report: VerifyReport | None = None
         if req.verify:
             t = time.perf_counter()
-            report = _verify(ckpt, skip, tmp, req, context)
+            report = _verify(ckpt, skip, tmp, req, context, export_memory.verify_method)
             seconds["verify"] = time.perf_counter() - t
+            rss.check("verification")
             if not report.passed:
                 raise EdgekitError(
                     f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3g} > tolerance "
@@ -154,7 +165,8 @@ def export(req: ExportRequest) -> ExportResult:
             tmp,
             add_target(
                 _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
-                | ({"quality": quality} if quality else {}),
+                | ({"quality": quality} if quality else {})
+                | {"export_memory": export_memory.to_manifest() | {"peak_rss_bytes": rss.peak}},
                 req,
                 contract,
                 memory,
@@ -194,12 +206,26 @@ def _quality_gate(
     return q.to_dict()
 
 
-def _verify(ckpt: Checkpoint, skip: SkipSet, folder: Path, req: ExportRequest, context: int) -> VerifyReport:
+def _verify(
+    ckpt: Checkpoint, skip: SkipSet, folder: Path, req: ExportRequest, context: int, method: str = "full"
+) -> VerifyReport:
     from tokenizers import Tokenizer
 
     from edgekit.surgery import apply_skip
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if method == "streaming":  # the fp32 model does not fit the memory budget: one layer at a time
+        from edgekit.verify_streaming import verify_streaming
+
+        return verify_streaming(
+            folder / "model.onnx",
+            ckpt,
+            skip,
+            lambda s: tokenizer.encode(s).ids,
+            req.quant.mode,
+            req.verify_text,
+            context=min(context, 512),
+        )
     model = apply_skip(load_torch_model(ckpt), skip)
     return verify(
         folder / "model.onnx",

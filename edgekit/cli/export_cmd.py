@@ -10,6 +10,7 @@ from click.core import ParameterSource
 from edgekit.cli.output import emit_json, human_bytes, layer_list
 from edgekit.eval_gate import parse_increase
 from edgekit.export import ExportRequest, export
+from edgekit.export_memory import parse_size
 from edgekit.quantize import QUANT_MODES, QuantConfig
 from edgekit.recipes import get_recipe, resolve_options
 from edgekit.skipset import parse_skip_count
@@ -89,6 +90,19 @@ from edgekit.skipset import parse_skip_count
     metavar="GB",
     help="Refuse exports whose estimated memory exceeds this (overrides the recipe's device memory).",
 )
+@click.option(
+    "--max-memory",
+    metavar="SIZE",
+    help="RSS the export itself may use, e.g. 8GB; refused up front if one layer cannot fit [default: 80% of "
+    "free RAM].",
+)
+@click.option(
+    "--verify-method",
+    type=click.Choice(["auto", "full", "streaming"]),
+    default="auto",
+    show_default=True,
+    help="PyTorch reference: the whole fp32 model, or one layer at a time from disk (auto: by memory).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def command(
     model: str,
@@ -113,6 +127,8 @@ def command(
     flavour: str,
     symmetric: bool,
     device_memory: float | None,
+    max_memory: str | None,
+    verify_method: str,
     as_json: bool,
 ) -> None:
     """Strip attention sublayers, export to ONNX with a KV cache, quantize, verify, bundle.
@@ -128,6 +144,7 @@ def command(
       edgekit export stories260k --skip auto:2 --calib my-text.txt   # the 2 least important (analyze)
       edgekit export llama2-7b --skip 8 --quant int4 --max-ppl-increase 5% --calib wiki.valid.txt
       edgekit export llama2-7b --recipe raspberry-pi-5 --skip 8     # recipe settings, skip overridden
+      edgekit export ./llama-2-7b-hf --skip 8 --quant int4 --max-memory 8GB   # 7B on a 16 GB laptop
     """
     chosen = get_recipe(recipe) if recipe else None
     ctx = click.get_current_context()
@@ -176,6 +193,8 @@ def command(
         flavour=o["flavour"],
         recipe=chosen,
         device_memory_gb=device_memory,
+        max_memory=parse_size(max_memory) if max_memory is not None else None,
+        verify_method=verify_method,
     )
     if verify_text is not None:
         req.verify_text = verify_text
