@@ -56,10 +56,8 @@ def _matrix_bytes(rows: int, cols: int, bits: int | None, quant: QuantConfig, fl
     return packed + scales + zero_points
 
 
-def estimate_memory(
-    spec: ModelSpec, kept: int, quant: QuantConfig, context: int, head_dim: int, kv_bytes: int = 4
-) -> MemoryEstimate:
-    fb = 2 if quant.mode == "fp16" else 4
+def estimate_memory(spec: ModelSpec, kept: int, quant: QuantConfig, context: int, head_dim: int) -> MemoryEstimate:
+    fb = 2 if quant.mode == "fp16" else 4  # float weights and the KV cache: fp16 graphs keep both in fp16
     q_out, kv_out = spec.heads * head_dim, spec.kv_heads * head_dim
     attn = sum(
         _matrix_bytes(spec.hidden, n, quant.bits_for("attn"), quant, fb) for n in (q_out, kv_out, kv_out)
@@ -74,7 +72,7 @@ def estimate_memory(
     rotary = 2 * context * head_dim // 2 * fb if kept else 0
     weights = kept * attn + spec.num_layers * mlp + embedding + lm_head + norms + rotary
 
-    kv = 2 * kept * spec.kv_heads * head_dim * context * kv_bytes
+    kv = 2 * kept * spec.kv_heads * head_dim * context * fb
     chunk = min(PREFILL_CHUNK, context)
     activations = chunk * 4 * (spec.vocab + 3 * spec.intermediate + 4 * spec.hidden) + 4 * spec.heads * chunk * context
     overhead = FIXED_OVERHEAD + int(WEIGHT_OVERHEAD * weights) + activations
@@ -93,57 +91,52 @@ def check_budget(
     head_dim: int,
     usable_bytes: int,
     device: str,
-    kv_bytes: int = 4,
 ) -> MemoryEstimate:
     """The estimate, or an EdgekitError saying it does not fit and what would."""
-    est = estimate_memory(spec, spec.num_layers - skipped, quant, context, head_dim, kv_bytes)
+    est = estimate_memory(spec, spec.num_layers - skipped, quant, context, head_dim)
     if est.total_bytes <= usable_bytes:
         return est
-    fits = suggestions(spec, skipped, quant, context, head_dim, usable_bytes, kv_bytes)
+    fits = suggestions(spec, skipped, quant, context, head_dim, usable_bytes)
     raise EdgekitError(
         f"{device}: the estimate {_gb(est.total_bytes)} (weights {_gb(est.weights_bytes)} + KV cache "
         f"{_gb(est.kv_cache_bytes)} at {context} tokens + runtime {_gb(est.overhead_bytes)}) exceeds the "
         f"{_gb(usable_bytes)} the device leaves the model; "
-        + ("what would fit: " + "; ".join(fits) if fits else "nothing nearby fits: pick a smaller model")
-        + " (or --device-memory to override)"
+        + ("what would fit: " + "; or ".join(fits) if fits else "nothing nearby fits: pick a smaller model")
+        + " (--device-memory GB overrides the budget)"
     )
 
 
 def suggestions(
-    spec: ModelSpec,
-    skipped: int,
-    quant: QuantConfig,
-    context: int,
-    head_dim: int,
-    usable_bytes: int,
-    kv_bytes: int = 4,
+    spec: ModelSpec, skipped: int, quant: QuantConfig, context: int, head_dim: int, usable_bytes: int
 ) -> list[str]:
-    """Single changes that bring the estimate under budget, cheapest in quality first."""
-    out = []
+    """Changes that bring the estimate under budget: int4, more skipped layers (at most half of them,
+    where the paper's quality holds up), a shorter context; combined with int4 when one alone is not enough."""
 
     def fits(s: int, q: QuantConfig, c: int) -> bool:
-        return estimate_memory(spec, spec.num_layers - s, q, c, head_dim, kv_bytes).total_bytes <= usable_bytes
+        return estimate_memory(spec, spec.num_layers - s, q, c, head_dim).total_bytes <= usable_bytes
 
-    for s in range(skipped + 1, spec.num_layers):
-        if fits(s, quant, context):
-            out.append(f"--skip {s} (remove attention from {s} of {spec.num_layers} layers)")
-            break
-    if quant.mode != "int4":
-        int4 = replace(quant, mode="int4", lm_head_bits=8)
-        if fits(skipped, int4, context):
-            out.append("--quant int4")
-    c = context // 2
-    while c >= 128:
-        if fits(skipped, quant, c):
-            out.append(f"--max-context {c}")
-            break
-        c //= 2
-    if not out and quant.mode != "int4":
-        int4 = replace(quant, mode="int4", lm_head_bits=8)
-        for s in range(skipped, spec.num_layers):
-            if fits(s, int4, context):
-                out.append(f"--quant int4 --skip {s}")
-                break
+    def min_skip(q: QuantConfig) -> int | None:
+        return next((s for s in range(skipped + 1, spec.num_layers // 2 + 1) if fits(s, q, context)), None)
+
+    def max_context(q: QuantConfig) -> int | None:
+        c = context // 2
+        while c >= 128 and not fits(skipped, q, c):
+            c //= 2
+        return c if c >= 128 else None
+
+    int4 = replace(quant, mode="int4", lm_head_bits=8) if quant.mode != "int4" else None
+    out = []
+    if int4 is not None and fits(skipped, int4, context):
+        out.append("--quant int4")
+    if (s := min_skip(quant)) is not None:
+        out.append(f"--skip {s} (attention removed from {s} of {spec.num_layers} layers)")
+    if (c := max_context(quant)) is not None:
+        out.append(f"--max-context {c}")
+    if not out and int4 is not None:
+        if (s := min_skip(int4)) is not None:
+            out.append(f"--quant int4 --skip {s}")
+        if (c := max_context(int4)) is not None:
+            out.append(f"--quant int4 --max-context {c}")
     return out
 
 
@@ -156,7 +149,6 @@ def check_or_estimate(
     usable_bytes: int | None,
     device: str,
 ) -> MemoryEstimate:
-    kv_bytes = 2 if quant.mode == "fp16" else 4
     if usable_bytes is None:
-        return estimate_memory(spec, spec.num_layers - skipped, quant, context, head_dim, kv_bytes)
-    return check_budget(spec, skipped, quant, context, head_dim, usable_bytes, device, kv_bytes)
+        return estimate_memory(spec, spec.num_layers - skipped, quant, context, head_dim)
+    return check_budget(spec, skipped, quant, context, head_dim, usable_bytes, device)
