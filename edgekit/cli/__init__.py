@@ -50,6 +50,7 @@ def _register() -> None:
         profile_cmd,
         recipes_cmd,
         run_cmd,
+        sweep_cmd,
         verify_cmd,
     )
 
@@ -60,6 +61,7 @@ def _register() -> None:
         run_cmd,
         profile_cmd,
         analyze_cmd,
+        sweep_cmd,
         verify_cmd,
         eval_cmd,
         recipes_cmd,
