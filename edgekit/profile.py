@@ -117,6 +117,7 @@ class ProfileReport:
     ratios: list[Ratio]
     machine: dict[str, Any]
     settings: dict[str, Any]
+    notes: list[str]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,7 +195,23 @@ def profile(req: ProfileRequest) -> ProfileReport:
         "order": "interleaved" if len(bundles) > 1 else "sequential",
         "process": "one child process per bundle and run",
     }
-    return ProfileReport(results, ratios, _machine(), settings)
+    return ProfileReport(results, ratios, _machine(), settings, _twin_notes(bundles, labels))
+
+
+def _twin_notes(bundles: list[Bundle], labels: list[str]) -> list[str]:
+    """A ratio means 'what skipping buys' only between twins: same source model, same weight format."""
+    notes = []
+    base = bundles[0].manifest
+    for b, label in zip(bundles[1:], labels[1:], strict=True):
+        m = b.manifest
+        if m["source"].get("config_sha256") != base["source"].get("config_sha256"):
+            notes.append(f"{label} comes from a different model than {labels[0]}: its ratios are not skip-only")
+        if m["quantization"].get("mode") != base["quantization"].get("mode"):
+            notes.append(
+                f"{label} is {m['quantization'].get('mode')}, {labels[0]} is {base['quantization'].get('mode')}: "
+                "the ratios mix skipping with quantization"
+            )
+    return notes
 
 
 def _labels(bundles: list[Bundle]) -> list[str]:
@@ -408,15 +425,20 @@ def format_report(report: ProfileReport) -> str:
                 f"{_pm(s.decode_tokens_per_s, '{:.1f}'):>14}"
             )
     if report.ratios:
-        lines += ["", "ratios over paired runs (median [min–max]); speedup > 1: faster than A"]
+        lines += [
+            "",
+            "ratios over paired runs, median [min–max]: speedup > 1 is faster than A; size ratios < 1 are smaller",
+            f"{'':7}{'prompt':>7}  {'first-token speedup':>20}  {'decode speedup':>20}  {'p90':>6}  "
+            f"{'KV cache':>8}  {'model size':>10}  {'peak RSS':>8}",
+        ]
         for r in report.ratios:
             tag = chr(ord("A") + next(i for i, b in enumerate(report.bundles) if b.label == r.other))
             lines.append(
-                f"{tag} vs A  prompt {r.prompt_len:>5}: first token (prefill) {_x(r.ttft_speedup)} faster, "
-                f"decode {_x(r.decode_speedup)} faster (p90 {r.decode_p90_speedup.median:.2f}×), "
-                f"KV cache {r.kv_bytes_ratio:.2f}×, size {r.model_bytes_ratio:.2f}×, "
-                f"peak RSS {r.peak_rss_ratio.median:.2f}×"
+                f"{tag + ' vs A':7}{r.prompt_len:>7}  {_x(r.ttft_speedup):>20}  {_x(r.decode_speedup):>20}  "
+                f"{r.decode_p90_speedup.median:>5.2f}×  {r.kv_bytes_ratio:>7.2f}×  {r.model_bytes_ratio:>9.2f}×  "
+                f"{r.peak_rss_ratio.median:>7.2f}×"
             )
+    lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
 
