@@ -67,5 +67,14 @@ bench: bench-speed  ## run the benchmarks (bench/; slow, not part of test)
 bench-speed: install  ## TinyLlama-1.1B-shaped skip 0 vs skip 6: int4/int8/fp32 decode at 128/1024 context (THREADS=2)
 	$(PYTHON) bench/speed.py --threads $(or $(THREADS),2)
 
+.PHONY: sweep-stories
+# Held-out TinyStories text where the project's shared corpora are, else the shipped sample (which
+# is also auto:N's calibration text, so that would flatter auto).
+SWEEP_TEXT ?= $(firstword $(wildcard ../shared/corpora/tinystories-valid-subset.txt) edgekit/data/calib-tinystories.txt)
+SWEEP_OUT  ?= docs/sweeps/stories260k
+sweep-stories: install  ## stories260K skip 0-4 x last-N/auto x fp32/int8/int4 -> report + Pareto plot (SWEEP_OUT)
+	$(BIN)/edgekit sweep stories260k --skip 0,1,2,3,4 --quant fp32,int8,int4 --auto --text $(SWEEP_TEXT) \
+	  --prompt-len 128 --gen-len 64 --runs 5 --threads 1 --jobs 2 -o $(SWEEP_OUT)
+
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf $(OUT) build dist *.egg-info .pytest_cache .ruff_cache
