@@ -141,6 +141,7 @@ def session_options(opts: RuntimeOptions, key: str) -> ort.SessionOptions:
     elif opts.threads:
         so.intra_op_num_threads = opts.threads
     if opts.affinity:
+        check_affinity(opts.affinity, opts.threads)
         so.add_session_config_entry("session.intra_op_thread_affinities", opts.affinity)
     if not opts.spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -151,6 +152,22 @@ def session_options(opts: RuntimeOptions, key: str) -> ort.SessionOptions:
     return so
 
 
+def check_affinity(spec: str, threads: int | None) -> None:
+    """onnxruntime's format: one ';'-separated entry per thread after the first, each a list of
+    1-based logical processors ('1,2') or ranges ('1-3'). Bad ids only log an error there; refuse them here."""
+    cpus = os.cpu_count() or 1
+    entries = spec.split(";")
+    if threads is None or len(entries) != threads - 1:
+        raise EdgekitError(
+            f"--affinity '{spec}': give --threads N and N-1 entries separated by ';' (the first thread is not pinned)"
+        )
+    for entry in entries:
+        for part in entry.split(","):
+            bounds = part.split("-")
+            if not all(b.strip().isdigit() and 1 <= int(b) <= cpus for b in bounds) or len(bounds) > 2:
+                raise EdgekitError(f"--affinity '{spec}': '{part}' is not a processor 1-{cpus} or a range of them")
+
+
 def create_session(model_path: Path | str, opts: RuntimeOptions) -> tuple[ort.InferenceSession, Placement]:
     """An InferenceSession on the chosen provider (CPU as fallback for what it cannot take)."""
     info = resolve(opts.provider)
@@ -158,8 +175,9 @@ def create_session(model_path: Path | str, opts: RuntimeOptions) -> tuple[ort.In
     providers: list[Any] = [(info.ort_name, _provider_options(key, opts))]
     if info.ort_name != CPU:
         providers.append(CPU)
+    so = session_options(opts, key)
     try:
-        session = ort.InferenceSession(str(model_path), session_options(opts, key), providers=providers)
+        session = ort.InferenceSession(str(model_path), so, providers=providers)
     except Exception as e:  # onnxruntime raises its own types for a bad model or a refused partition
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgekitError(f"onnxruntime could not load {model_path} on {key}: {first}") from e

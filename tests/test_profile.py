@@ -111,3 +111,12 @@ def test_run_over_long_prompt_is_one_line(twins):
     proc = _edgekit("run", str(twins[0]), "Once upon a time " * 200)
     assert proc.returncode == 1
     assert "this bundle serves at most 512" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_threads_affinity_and_spin_options(twins):
+    ok = _edgekit(
+        "run", str(twins[1]), "Once", "--max-new-tokens", "4", "--threads", "2", "--affinity", "2", "--no-spin"
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = _edgekit("run", str(twins[1]), "Once", "--threads", "2", "--affinity", "999")
+    assert bad.returncode == 1 and "--affinity '999'" in bad.stderr and "onnxruntime could not" not in bad.stderr
