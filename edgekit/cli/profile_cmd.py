@@ -25,7 +25,13 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
 @click.option(
     "--compare", is_flag=True, help="Side by side: interleave the bundles' runs, print ratios against the first."
 )
-@click.option("--prompt-len", default="128", show_default=True, help="Prompt lengths (context), comma-separated.")
+@click.option(
+    "--prompt-len",
+    default="128",
+    show_default=True,
+    metavar="N[,N...]",
+    help="Prompt lengths (context), comma-separated.",
+)
 @click.option("--gen-len", default=64, show_default=True, type=click.IntRange(min=1), help="Timed decode steps.")
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1), help="Runs per bundle.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Decode steps not timed.")

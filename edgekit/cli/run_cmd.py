@@ -29,7 +29,7 @@ def runtime_options(f: Callable[..., Any]) -> Callable[..., Any]:
         default="cpu",
         show_default=True,
         metavar="NAME",
-        help="Execution provider: " + "|".join(PROVIDERS) + ".",
+        help="Execution provider: " + ", ".join(PROVIDERS) + ".",
     )(f)
     return f
 
