@@ -213,11 +213,14 @@ def command(
     click.echo(
         f"  weights    {q['mode']}"
         + (
-            f", block {q['block_size']}, accuracy level {q['accuracy_level']}, "
+            f", {q['scheme']}"
+            if q.get("scheme")
+            else f", block {q['block_size']}, accuracy level {q['accuracy_level']}, "
             f"lm_head {q['lm_head']}, embedding {q['embedding']}"
             if q["bits"]
             else ""
         )
+        + f" ({m['graph']['flavour']} graph)"
     )
     if v:
         click.echo(
