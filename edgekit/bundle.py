@@ -87,7 +87,8 @@ def clean_stale_temporaries(parent: Path, name: str) -> list[Path]:
     return removed
 
 
-def _check_target(target: Path, force: bool) -> None:
+def _check_target(target: Path, force: bool) -> list[Path]:
+    """Refuse targets we must not write; create the missing parent folders and return them."""
     if TMP_MARK in target.name or target.name.endswith(LOCK_SUFFIX) or target.name.startswith("."):
         # such names are reserved for edgekit's own temporaries (and hidden folders are easy to lose)
         raise EdgekitError(f"output name {target.name!r} is reserved or hidden; choose another -o")
@@ -101,21 +102,36 @@ def _check_target(target: Path, force: bool) -> None:
     parent = target.parent
     if parent.exists() and not parent.is_dir():
         raise EdgekitError(f"output parent {parent} is not a folder")
+    created = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_empty(created)
         raise EdgekitError(f"cannot create output folder {parent}: {e.strerror}") from e
     if not os.access(parent, os.W_OK):
         raise EdgekitError(f"output folder {parent} is not writable")
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Undo the parent folders an export created (deepest first), unless something else is in them now."""
+    for p in folders:
+        with contextlib.suppress(OSError):
+            p.rmdir()
 
 
 @contextlib.contextmanager
 def bundle_writer(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder to fill; on clean exit it becomes `target`, on any error it is removed."""
     target = target.absolute()
-    _check_target(target, force)
+    created = _check_target(target, force)
     lock_path = target.parent / f".{target.name}{LOCK_SUFFIX}"
-    lock = _acquire_lock(lock_path, target)
+    try:
+        lock = _acquire_lock(lock_path, target)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    done = False
     try:
         clean_stale_temporaries(target.parent, target.name)
         tmp = target.parent / f".{target.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -123,6 +139,7 @@ def bundle_writer(target: Path, force: bool = False) -> Iterator[Path]:
             tmp.mkdir()
             yield tmp
             _commit(tmp, target, force)
+            done = True
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
@@ -132,6 +149,8 @@ def bundle_writer(target: Path, force: bool = False) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             lock_path.unlink()
         lock.close()
+        if not done:
+            _remove_empty(created)
 
 
 def _acquire_lock(lock_path: Path, target: Path) -> Any:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,9 +109,26 @@ class WeightSource:
         import torch
 
         try:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # pre-zip (legacy) torch files cannot be memory-mapped; still the weights-only unpickler
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's text suggests retrying with weights_only=False, which is exactly what must not happen
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            raise EdgekitError(
+                f"refusing {f.name}: it holds {found.group(1) if found else 'objects'} besides tensors, which only a "
+                "full unpickler would create (and that can run code); convert it to safetensors where you trust it"
+            ) from e
         except Exception as e:
-            raise EdgekitError(f"cannot read weights {f.name} with torch's weights-only loader: {e}") from e
+            raise EdgekitError(
+                f"cannot read weights {f.name} with torch's weights-only loader: {str(e).splitlines()[0][:200]}"
+            ) from e
+        if not isinstance(state, dict) or not all(hasattr(t, "shape") for t in state.values()):
+            raise EdgekitError(f"{f.name} is not a state dict of tensors")
         for name, t in state.items():
             self._pickled[name] = t
             self._shapes[name] = tuple(t.shape)
@@ -181,28 +201,30 @@ def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
     return pickles
 
 
-def _check_shapes(weights: WeightSource, spec: ModelSpec, family: Family) -> None:
+def _expected_shapes(spec: ModelSpec, family: Family) -> Iterator[tuple[str, tuple[int, ...]]]:
+    # A generator, so a config claiming 10**9 layers fails at the first missing tensor instead of
+    # building a table of billions of names first.
     n = family.names
     q_out, kv_out = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
-    expected: dict[str, tuple[int, ...]] = {n.embed: (spec.vocab, spec.hidden), n.final_norm: (spec.hidden,)}
+    yield n.embed, (spec.vocab, spec.hidden)
+    yield n.final_norm, (spec.hidden,)
     if not spec.tie_embeddings:
-        expected[n.lm_head] = (spec.vocab, spec.hidden)
+        yield n.lm_head, (spec.vocab, spec.hidden)
     for i in range(spec.num_layers):
         f = {"i": i, "p": "weight"}
-        expected.update(
-            {
-                n.input_norm.format(**f): (spec.hidden,),
-                n.q.format(**f): (q_out, spec.hidden),
-                n.k.format(**f): (kv_out, spec.hidden),
-                n.v.format(**f): (kv_out, spec.hidden),
-                n.o.format(**f): (spec.hidden, q_out),
-                n.post_norm.format(**f): (spec.hidden,),
-                n.gate.format(**f): (spec.intermediate, spec.hidden),
-                n.up.format(**f): (spec.intermediate, spec.hidden),
-                n.down.format(**f): (spec.hidden, spec.intermediate),
-            }
-        )
-    for name, shape in expected.items():
+        yield n.input_norm.format(**f), (spec.hidden,)
+        yield n.q.format(**f), (q_out, spec.hidden)
+        yield n.k.format(**f), (kv_out, spec.hidden)
+        yield n.v.format(**f), (kv_out, spec.hidden)
+        yield n.o.format(**f), (spec.hidden, q_out)
+        yield n.post_norm.format(**f), (spec.hidden,)
+        yield n.gate.format(**f), (spec.intermediate, spec.hidden)
+        yield n.up.format(**f), (spec.intermediate, spec.hidden)
+        yield n.down.format(**f), (spec.hidden, spec.intermediate)
+
+
+def _check_shapes(weights: WeightSource, spec: ModelSpec, family: Family) -> None:
+    for name, shape in _expected_shapes(spec, family):
         if name not in weights:
             raise EdgekitError(f"weights: {name} is missing from the checkpoint")
         if weights.shape(name) != shape:

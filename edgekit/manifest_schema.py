@@ -239,9 +239,7 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> None:
         raise EdgekitError(f"{where}: the manifest is not a JSON object")
     version = manifest.get("schema_version")
     if "schema_version" in manifest and version != SCHEMA_VERSION:
-        raise EdgekitError(
-            f"{where}: manifest schema {str(version)[:40]!r}; this edgekit reads schema {SCHEMA_VERSION}"
-        )
+        raise EdgekitError(f"{where}: manifest schema {str(version)[:40]}; this edgekit reads schema {SCHEMA_VERSION}")
     try:
         _MANIFEST(manifest, "")
         _cross_checks(manifest)

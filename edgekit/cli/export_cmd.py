@@ -51,7 +51,7 @@ from edgekit.skipset import parse_skip_count
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch.")
 @click.option(
     "--verify-text",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),  # fail before the build, not after
     help="Text for the perplexity check of quantized exports [default: shipped TinyStories sample].",
 )
 @click.option(
