@@ -338,3 +338,48 @@ def test_memory_estimate_bounds_the_measured_peak(bundle_factory):
     # the estimate is an upper bound for the whole process: interpreter, numpy, onnxruntime, tokenizers
     assert 0 < peak <= est["total_bytes"], (peak, est)
     assert est["weights_bytes"] == pytest.approx(est["model_file_bytes"], rel=0.1)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_standard_flavour_parity_on_random_models(kind, tmp_path, stories_path):
+    """Shapes stories260K lacks: 4:1 GQA, head_dim 32, q/k/v biases (Qwen2), a sliding window shorter than
+    the verification sequence (Mistral, window 6: the mask's window term is exercised)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    common = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=512,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        initializer_range=0.08,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "qwen2":
+        config = Qwen2Config(**common)
+    else:
+        config = MistralConfig(**common, sliding_window=6)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if kind == "qwen2":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copyfile(stories_path / name, src / name)
+    req = ExportRequest(model=str(src), skip_layers="1", flavour="standard", output=tmp_path / "b")
+    m = export(req).manifest
+    v = m["verification"]
+    assert v["passed"] and v["top1_agreement"] == 1.0 and v["greedy_match"], v
+    assert v["max_abs_logit_diff"] < 1e-3 * max(v["max_abs_logit"], 0.1)
+    assert m["graph"]["head_dim"] == 32 and m["graph"]["flavour"] == "standard"
