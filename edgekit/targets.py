@@ -111,17 +111,13 @@ def add_target(
             weights="int8 per-channel DequantizeLinear → MatMul" if req.quant.bits else req.quant.mode,
         )
         if req.quant.bits:  # the standard graph quantizes per output channel, not in MatMulNBits blocks
-            manifest = {
-                **manifest,
-                "quantization": {
-                    **manifest["quantization"],
-                    "block_size": None,
-                    "accuracy_level": None,
-                    "symmetric": True,
-                    "scheme": "int8 per output channel, symmetric, DequantizeLinear → MatMul (fp activations)",
-                    "quantizer": "edgekit graph_standard (numpy)",
-                },
-            }
+            q = {k: v for k, v in manifest["quantization"].items() if k not in ("block_size", "accuracy_level")}
+            q.update(
+                symmetric=True,
+                scheme="int8 per output channel, symmetric, DequantizeLinear → MatMul (fp activations)",
+                quantizer="edgekit graph_standard (numpy)",
+            )
+            manifest = {**manifest, "quantization": q}
     mem = memory.to_manifest()
     mem["model_file_bytes"] = model_bytes
     extra: dict[str, Any] = {"graph": graph, "memory": mem, **device_files}
