@@ -102,7 +102,15 @@ def quantize_node(
     nodes = _ort_quantizer(bits, cfg).quantize(node, [scratch])
     if len(nodes) == 1 and nodes[0].op_type == node.op_type:
         raise EdgekitError(f"onnxruntime could not quantize {weight_name} to {bits} bits")
-    return list(nodes), [t for t in scratch.initializer if t.name != weight_name]
+    # Copy the results out: a message taken from `scratch` keeps scratch's whole arena alive, and with it
+    # the fp32 weight (measured: the 7B export grew by every weight it had quantized, 27 GB in all).
+    return list(nodes), [_detached(t) for t in scratch.initializer if t.name != weight_name]
+
+
+def _detached(t: onnx.TensorProto) -> onnx.TensorProto:
+    out = onnx.TensorProto()
+    out.CopyFrom(t)
+    return out
 
 
 def _contiguous_f32(weight: np.ndarray) -> np.ndarray:
