@@ -12,6 +12,7 @@ from edgekit.errors import EdgekitError
 from edgekit.genai_config import genai_config, write_genai_config
 from edgekit.graph import GraphContract, padded_head_dim
 from edgekit.load import Checkpoint
+from edgekit.recipes import FLAVOURS
 from edgekit.skipset import SkipSet
 
 GIB = 1024**3
@@ -31,6 +32,13 @@ def recipe_context(req: Any, model_max: int) -> int:
 def plan_target(req: Any, ckpt: Checkpoint, skip: SkipSet, context: int) -> MemoryEstimate:
     """Estimate memory; refuse (EdgekitError with what would fit) when over the device's budget."""
     recipe = req.recipe
+    if req.flavour not in FLAVOURS:
+        raise EdgekitError(f"--flavour {req.flavour}: choose one of {', '.join(FLAVOURS)}")
+    if recipe is not None and recipe.fixed_shapes and req.flavour != "standard":
+        raise EdgekitError(
+            f"recipe {recipe.name} emits fixed-shape variants, which need --flavour standard (its mobile EPs do "
+            "not run the fused graph's contrib ops)"
+        )
     usable, device = None, "device"
     if req.device_memory_gb is not None:
         usable, device = int(req.device_memory_gb * GIB), f"--device-memory {req.device_memory_gb:g} GB"
@@ -70,8 +78,6 @@ def finish_target(
         return out
     fixed: dict[str, str] = {}
     if recipe.fixed_shapes:
-        if req.flavour != "standard":
-            raise EdgekitError(f"recipe {recipe.name}: fixed_shapes needs the standard graph flavour")
         from edgekit.mobile import FIXED_DIR, make_fixed_variants
 
         prefill, fixed_context = recipe.fixed_shapes["prefill"], min(recipe.fixed_shapes["context"], context)

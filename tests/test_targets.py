@@ -383,3 +383,32 @@ def test_standard_flavour_parity_on_random_models(kind, tmp_path, stories_path):
     assert v["passed"] and v["top1_agreement"] == 1.0 and v["greedy_match"], v
     assert v["max_abs_logit_diff"] < 1e-3 * max(v["max_abs_logit"], 0.1)
     assert m["graph"]["head_dim"] == 32 and m["graph"]["flavour"] == "standard"
+
+
+def test_recipe_conflicts_are_refused_before_building(tmp_path, capsys):
+    code, _, err = _cli(
+        capsys,
+        "export",
+        "stories260k",
+        "--recipe",
+        "android",
+        "--flavour",
+        "fused",
+        "-o",
+        str(tmp_path / "x"),
+        "--no-verify",
+    )
+    assert code == 1 and "need --flavour standard" in err and not (tmp_path / "x").exists()
+    code, _, err = _cli(
+        capsys,
+        "export",
+        "stories260k",
+        "--flavour",
+        "standard",
+        "--quant",
+        "int4",
+        "-o",
+        str(tmp_path / "y"),
+        "--no-verify",
+    )
+    assert code == 1 and "no int4" in err and not (tmp_path / "y").exists()
