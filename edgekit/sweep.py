@@ -31,6 +31,7 @@ from edgekit.verify import DEFAULT_TEXT
 EDGEKIT = [sys.executable, "-m", "edgekit"]
 _live: set[subprocess.Popen] = set()  # running steps, killed (with their children) if the sweep is stopped
 _live_lock = threading.Lock()
+_stopping = threading.Event()  # set once the sweep is interrupted: killed steps are not failures
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,10 @@ def _run_step(stage: str, args: list[str], log: Path) -> dict[str, Any]:
             _live.add(proc)
         try:
             out, _ = proc.communicate()
+        except BaseException:  # Ctrl-C or SIGTERM in this thread: the step (and its children) go too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            raise
         finally:
             with _live_lock:
                 _live.discard(proc)
@@ -224,6 +229,8 @@ def run_sweep(req: SweepRequest, on_event: Callable[[str], None] | None = None) 
         prev = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
         if prev and prev.get("status") == "ok":
             done[cfg.name] = prev
+            if not req.keep_bundles:  # a sweep killed while deleting it may have left the bundle behind
+                shutil.rmtree(req.output / "bundles" / cfg.name, ignore_errors=True)
         else:
             todo.append(cfg)  # never run, interrupted, or failed last time: (re)do it
     reused = list(done)
@@ -242,6 +249,8 @@ def run_sweep(req: SweepRequest, on_event: Callable[[str], None] | None = None) 
             try:
                 rec = _export_and_eval(req, cfg, partial)
             except StepFailed as e:
+                if _stopping.is_set():
+                    return
                 _fail(req, cfg, e.stage, str(e))
                 say(f"{cfg.name}: FAILED in {e.stage}: {e}")
                 return
@@ -293,6 +302,7 @@ def run_sweep(req: SweepRequest, on_event: Callable[[str], None] | None = None) 
 
 
 def _kill_live() -> None:
+    _stopping.set()
     with _live_lock:
         procs = list(_live)
     for proc in procs:
