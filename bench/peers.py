@@ -1,0 +1,197 @@
+"""edgekit against its peers and the hardware limit, side by side in one run.
+
+For each model (stories260K, real; TinyLlama-1.1B-shaped random weights, GQA 32/4, 22 layers) this builds
+every contender — edgekit int8/int4 at skip 0 and with ~25% of attention sublayers removed (1 of 5,
+6 of 22), optimum-onnx export + its quantizer, the onnxruntime-genai model builder int8/int4 (and int4
+with the same layers skipped, through a patched builder), llama.cpp GGUF Q8_0/Q4_0 from the converter
+the llama-cpp-python sdist ships (and Q4_0 with the same layers attention-free, as DeciLM) — each peer
+in its own virtual environment under bench/work/peers/, then times them interleaved (round 1: A B C …,
+round 2: A B C …), one fresh process per contender and round, all on the same threads, the same token
+ids and the same protocol (bench/peers_child.py). It measures the machine's read bandwidth in the same
+run and reports each decode as a fraction of its roofline (bytes read per token ÷ bandwidth).
+
+    python bench/peers.py                        # both models, 3 rounds, 2 threads (make bench-peers)
+    python bench/peers.py --models tinyllama-1.1b --rounds 5
+    python bench/peers.py --build-only           # venvs, llama.cpp wheel and every model file; no timing
+    python bench/peers.py --report-only          # redo table and plot from bench/work/peers/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers_build as pb
+import peers_report
+from bandwidth import measure as measure_bandwidth
+
+ROOT = pb.ROOT
+WORK = pb.WORK
+CHILD = ROOT / "bench" / "peers_child.py"
+PROMPT_TEXT = ROOT / "edgekit" / "data" / "calib-tinystories.txt"  # what edgekit profile feeds too
+
+MODELS = {
+    # name: checkpoint, layers, skipped layers (~25%: the last ones), prompt lengths (short decode, prefill, long)
+    "stories260k": {
+        "ckpt": ROOT / "edgekit" / "data" / "stories260k",
+        "skip": [4],
+        "prompt_lens": [32, 128, 384],  # its context is 512
+    },
+    "tinyllama-1.1b": {
+        "ckpt": ROOT / "bench" / "work" / "ckpt-tinyllama-1.1b",
+        "skip": list(range(16, 22)),
+        "prompt_lens": [32, 128, 1024],
+    },
+}
+
+
+def contenders(model: str, skip: list[int]) -> list[pb.Contender]:
+    d = WORK / "models" / model
+    out = []
+    for q in ("int8", "int4"):
+        for s in ([], skip):
+            name = f"edgekit {q} skip{len(s)}"
+            out.append(pb.Contender(model, name, "edgekit", q, s, "edgekit", str(d / f"edgekit-{q}-skip{len(s)}")))
+    for q in ("int8", "int4"):
+        out.append(pb.Contender(model, f"optimum {q}", "optimum", q, [], "optimum", str(d / f"optimum-{q}"),
+                                file_name="model_quantized.onnx"))  # fmt: skip
+    for q, s in (("int8", []), ("int4", []), ("int4", skip)):
+        name = f"genai {q} skip{len(s)}"
+        out.append(pb.Contender(model, name, "genai", q, s, "genai", str(d / f"genai-{q}-skip{len(s)}")))
+    for q, s in (("Q8_0", []), ("Q4_0", []), ("Q4_0", skip)):
+        name = f"llama.cpp {q} skip{len(s)}" + (" (DeciLM)" if s else "")
+        out.append(pb.Contender(model, name, "llama.cpp", q, s, "llama", str(d / f"llama-{q}-skip{len(s)}.gguf")))
+    return out
+
+
+def prompt_ids(n: int) -> list[int]:
+    """Real text through stories260K's tokenizer (its ids < 512 are valid for every model here)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ROOT / "edgekit" / "data" / "stories260k" / "tokenizer.json"))
+    ids = tok.encode(PROMPT_TEXT.read_text(encoding="utf-8")[:100_000]).ids
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def run_child(c: pb.Contender, spec: dict, timeout: float) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    full = {**spec, "kind": c.kind, "path": c.path, "file_name": c.file_name}
+    proc = subprocess.run(
+        [c.python, str(CHILD)], input=json.dumps(full), capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        raise RuntimeError(" | ".join(lines[-3:]) or f"exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_model(cs: list[pb.Contender], spec: dict, rounds: int, timeout: float) -> None:
+    live = [c for c in cs if not c.error]
+    for c in live:
+        if c.tool == "genai":
+            pb.set_genai_threads(Path(c.path), spec["threads"])
+        c.build["runs"] = []
+    for r in range(rounds):
+        for c in live:
+            if c.error:
+                continue
+            t = time.perf_counter()
+            try:
+                c.build["runs"].append(run_child(c, spec, timeout))
+            except Exception as e:  # e.g. a peer that builds but cannot run this shape
+                c.error = f"run failed: {e}"
+            print(f"  round {r + 1}/{rounds} {c.name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one process per contender each)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gen-len", type=int, default=32, help="timed decode steps per prompt length")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps first")
+    ap.add_argument("--only", default="", help="comma-separated substrings: time only matching contenders")
+    ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per timed child process")
+    ap.add_argument("--out", type=Path, default=WORK / "results.json")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "peers.png")
+    args = ap.parse_args()
+
+    if args.report_only:
+        results = json.loads(args.out.read_text())
+        print(peers_report.markdown(results))
+        peers_report.plot(results, args.plot)
+        return
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    all_cs: dict[str, list[pb.Contender]] = {}
+    for m in models:
+        spec = MODELS[m]
+        ckpt = spec["ckpt"]
+        if m == "tinyllama-1.1b":
+            from make_checkpoint import make_checkpoint
+
+            make_checkpoint("tinyllama-1.1b", ckpt)
+        cs = [c for c in contenders(m, spec["skip"]) if not only or any(s in c.name for s in only)]
+        for c in cs:
+            t = time.perf_counter()
+            pb.build(c, ckpt)
+            state = f"error: {c.error}" if c.error else f"{c.build.get('export_s', '?')} s export"
+            print(f"{m}: {c.name}: {state} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+        all_cs[m] = cs
+    if args.build_only:
+        return
+
+    load_before = list(os.getloadavg())
+    bw = measure_bandwidth(args.threads)
+    print(f"read bandwidth ({args.threads} threads): {bw['roofline_gbs']:.1f} GB/s", file=sys.stderr)
+    for m, cs in all_cs.items():
+        lens = MODELS[m]["prompt_lens"]
+        spec = {
+            "threads": args.threads,
+            "prompt_lens": lens,
+            "gen_len": args.gen_len,
+            "warmup": args.warmup,
+            "capacity": max(lens) + args.warmup + args.gen_len + 8,
+            "prompt_ids": prompt_ids(max(lens)),
+        }
+        time_model(cs, spec, args.rounds, args.timeout)
+    bw_after = measure_bandwidth(args.threads)
+    results = {
+        "command": "python bench/peers.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "cpu": peers_report.cpu_name(),
+            "logical_cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_before": load_before,
+            "load_average_after": list(os.getloadavg()),
+        },
+        "bandwidth": {"before": bw, "after": bw_after},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
+        "models": {
+            m: {"prompt_lens": MODELS[m]["prompt_lens"], "contenders": [c.to_dict() for c in cs]}
+            for m, cs in all_cs.items()
+        },
+        "versions": peers_report.versions(),
+    }
+    peers_report.add_roofline(results)
+    args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(peers_report.markdown(results))
+    peers_report.plot(results, args.plot)
+    print(f"\nnumbers: {args.out}\nplot: {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
