@@ -10,6 +10,7 @@ resident memory of the command and all its descendants, sampled every 50 ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -21,10 +22,8 @@ import psutil
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):  # exited between listing and reading
             total += p.memory_info().rss
-        except psutil.Error:  # exited between listing and reading
-            pass
     return total
 
 
@@ -34,10 +33,8 @@ def run(cmd: list[str], interval: float = 0.05) -> dict:
     proc = psutil.Process(child.pid)
     peak = 0
     while child.poll() is None:
-        try:
+        with contextlib.suppress(psutil.Error):
             peak = max(peak, tree_rss(proc))
-        except psutil.Error:
-            pass
         time.sleep(interval)
     return {
         "command": " ".join(cmd),
