@@ -169,10 +169,10 @@ def _check_tokenizers(scorer: Scorer, reference: Scorer, text: str) -> None:
 
 
 def evaluate(req: EvalRequest) -> EvalResult:
-    if req.text is None and not req.tasks:
-        raise EdgekitError("nothing to evaluate: give --text FILE and/or --tasks FILE.jsonl")
     if req.reference and req.text is None:
         raise EdgekitError("--reference compares next-token distributions on a text: give --text too")
+    if req.text is None and not req.tasks:
+        raise EdgekitError("nothing to evaluate: give --text FILE and/or --tasks FILE.jsonl")
     for p in req.tasks:
         if not p.is_file():
             raise EdgekitError(f"task file {p} does not exist")
