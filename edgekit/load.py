@@ -12,6 +12,7 @@ import hashlib
 import json
 import pickle
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,13 +110,15 @@ class WeightSource:
         import torch
 
         try:
-            try:
-                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                # pre-zip (legacy) torch files cannot be memory-mapped; still the weights-only unpickler
-                state = torch.load(f, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says it
+                warnings.simplefilter("ignore")
+                try:
+                    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    # pre-zip (legacy) torch files cannot be memory-mapped; still the weights-only unpickler
+                    state = torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             # torch's text suggests retrying with weights_only=False, which is exactly what must not happen
             found = re.search(r"GLOBAL ([\w.]+)", str(e))

@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         rc = cli.main(args=argv, prog_name="edgekit", standalone_mode=False)
     except EdgekitError as e:
         _fail(str(e), e.exit_code)
-    except click.exceptions.Abort:
-        _fail("interrupted", 130)
+    except click.exceptions.Abort as e:
+        # click turns KeyboardInterrupt (and so our SIGTERM) into Abort; keep SIGTERM's exit status
+        _fail(*(("terminated", 143) if isinstance(e.__context__, Terminated) else ("interrupted", 130)))
     except Terminated:
         _fail("terminated", 143)
     except KeyboardInterrupt:
