@@ -210,6 +210,7 @@ def _profile(req: SweepRequest, rec: dict[str, Any]) -> dict[str, Any]:
         model_bytes=b["model_bytes"],
         peak_rss_bytes=b["peak_rss_bytes"]["median"],
         machine=r.get("machine", {}).get("cpu"),
+        load_average=(r.get("machine", {}).get("load_average") or [None])[0],  # other work on the machine
     )
     return rec
 

@@ -102,9 +102,13 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
                 linewidths=1.6,
                 zorder=3,
             )
-            ax.annotate(
-                r["name"], (r[key] * scale, r["perplexity"]), fontsize=6.5, xytext=(4, 3), textcoords="offset points"
-            )
+        # Label only the front (the rest is in the table); configs that removed the same layers share a label.
+        labels: dict[tuple, list[str]] = {}
+        for r in ok:
+            if r[flag]:
+                labels.setdefault((r[key] * scale, r["perplexity"]), []).append(r["name"])
+        for (x, y), names in labels.items():
+            ax.annotate(" = ".join(names), (x, y), fontsize=7, xytext=(5, 4), textcoords="offset points")
         front = sorted((r[key] * scale, r["perplexity"]) for r in ok if r[flag])
         if len(front) > 1:
             ax.step(*zip(*front, strict=True), where="post", color="red", lw=0.8, alpha=0.6, zorder=2)
@@ -114,7 +118,8 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
         ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], ls="", marker=m, color="gray", label=q) for q, m in markers.items()]
+    quants = {r["quant"] for r in ok}
+    handles = [Line2D([], [], ls="", marker=m, color="gray", label=q) for q, m in markers.items() if q in quants]
     handles += [Line2D([], [], ls="", marker="o", color=c, label=f"skip rule: {k}") for k, c in colors.items()]
     handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="red", label="Pareto-optimal"))
     axes[1].legend(handles=handles, fontsize=7, loc="upper right")
@@ -125,8 +130,72 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
     return path
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "" if v is None else format(v, spec)
+def plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """The paper's curve: perplexity and decode ms/token against the number of attention sublayers removed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    styles = {"last": "-", "auto": "--"}
+    colors = {"fp32": "tab:blue", "fp16": "tab:purple", "int8": "tab:green", "int4": "tab:red"}
+    for quant in dict.fromkeys(r["quant"] for r in ok):
+        for rule, ls in styles.items():
+            pts = sorted((r["n"], r) for r in ok if r["quant"] == quant and r["rule"] in (rule, "none"))
+            if len(pts) < 2 or not any(r["rule"] == rule for _, r in pts):
+                continue
+            xs = [n for n, _ in pts]
+            label = f"{quant} {rule}-N"
+            style = {"ls": ls, "marker": "o" if rule == "last" else "x", "color": colors.get(quant), "label": label}
+            axes[0].plot(xs, [r["perplexity"] for _, r in pts], **style)
+            axes[1].plot(xs, [r["decode_ms"] for _, r in pts], **style)
+    axes[0].set_yscale("log")
+    for ax, y in ((axes[0], "perplexity"), (axes[1], "decode ms/token (median)")):
+        ax.set_xlabel("attention sublayers removed (N)")
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _comparison(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows: last-N against auto:N for the same N and quantization."""
+    by = {(r["quant"], r["rule"], r["n"]): r for r in rows if r.get("status") == "ok"}
+    out = []
+    for (quant, rule, n), auto in by.items():
+        last = by.get((quant, "last", n))
+        if rule != "auto" or last is None:
+            continue
+        base = by.get((quant, "none", 0))
+        same = auto["skipped"] == last["skipped"]
+        change = auto["perplexity"] / last["perplexity"] - 1
+        speed = f"{base['decode_ms'] / last['decode_ms']:.2f}×" if base else ""
+        out.append(
+            f"| {quant} | {n} | {','.join(map(str, last['skipped']))} | {last['perplexity']:.3f} | "
+            f"{','.join(map(str, auto['skipped']))} | {auto['perplexity']:.3f} | "
+            + ("same layers |" if same else f"{change:+.1%} |")
+            + f" {speed} |"
+        )
+    if not out:
+        return []
+    return [
+        "## last-N against auto:N",
+        "",
+        "| quant | N | last-N removes | perplexity | auto:N removes | perplexity | auto vs last | "
+        "decode speed-up of last-N over skip 0 |",
+        "|---|---|---|---|---|---|---|---|",
+        *out,
+        "",
+    ]
 
 
 def _table(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -161,8 +230,11 @@ def write_report(req: Any, rows: list[dict[str, Any]]) -> Path:
     text = ok[0]["eval_text"] if ok else "-"
     title = f"{req.model}: perplexity on {text} vs decode speed and size"
     plot = plot_pareto(rows, out / "pareto.png", title)
+    curve = plot_curve(rows, out / "curve.png", f"{req.model}: what removing attention sublayers costs and buys")
     machine = next((r.get("machine") for r in ok if r.get("machine")), None) or platform.processor() or "?"
     table = _table(rows)
+    loads = [r["load_average"] for r in ok if r.get("load_average") is not None]
+    load = f" Load average while profiling: {min(loads):.1f}-{max(loads):.1f}." if loads else ""
     md = [
         f"# Sweep: {req.model}",
         "",
@@ -175,7 +247,7 @@ def write_report(req: Any, rows: list[dict[str, Any]]) -> Path:
         f"{req.runs} runs (median, with min-max), profiled one at a time. Rule `last` = the last N layers' "
         "attention removed (arXiv 2404.05741), `auto` = the N least important by `edgekit analyze` "
         "(arXiv 2406.15786, greedy). Pareto: no other configuration has both lower perplexity and lower "
-        "ms/token (speed) or smaller bundle (size).",
+        "ms/token (speed) or smaller bundle (size)." + load,
         "",
         "| " + " | ".join(table[0]) + " |",
         "|" + "---|" * len(table[0]),
@@ -183,11 +255,13 @@ def write_report(req: Any, rows: list[dict[str, Any]]) -> Path:
         "",
         "![Pareto plot](pareto.png)" if plot else "(no configuration finished: no plot)",
         "",
+        *_comparison(rows),
+        *(["![Perplexity and speed against N](curve.png)", ""] if curve else []),
         "Every number per configuration: `results.csv`, `results.json`, `results/*.json`.",
         "",
     ]
     report = out / "report.md"
-    report.write_text("\n".join(md), encoding="utf-8")
+    report.write_text("\n".join(md) + "\n", encoding="utf-8")
     cells = "".join(
         "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in row)
         for i, row in enumerate(table)
@@ -195,7 +269,9 @@ def write_report(req: Any, rows: list[dict[str, Any]]) -> Path:
     (out / "report.html").write_text(
         f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
         f"<h1>{html.escape(title)}</h1><p><code>{html.escape(req.command)}</code></p>"
-        f"<table border=1 cellpadding=4>{cells}</table>" + ('<p><img src="pareto.png"></p>' if plot else ""),
+        f"<table border=1 cellpadding=4>{cells}</table>"
+        + ('<p><img src="pareto.png"></p>' if plot else "")
+        + ('<p><img src="curve.png"></p>' if curve else ""),
         encoding="utf-8",
     )
     return report
