@@ -108,7 +108,27 @@ def is_bundle(target: str | Path) -> bool:
     return (Path(target).expanduser() / MANIFEST).is_file()
 
 
-def open_bundle_scorer(path: str | Path, check_integrity: bool = True, model_file: str | None = None) -> BundleScorer:
+def set_threads(threads: int | None) -> Any:
+    """onnxruntime session options for `threads` intra-op threads, and the same for torch (process-wide).
+
+    None keeps each library's default (all cores). Small models on a busy machine run several times
+    faster on one thread: their matrices are too small to share, and spinning worker threads lose
+    their cores to other processes."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        import torch
+
+        torch.set_num_threads(threads)
+    return options
+
+
+def open_bundle_scorer(
+    path: str | Path, check_integrity: bool = True, model_file: str | None = None, threads: int | None = None
+) -> BundleScorer:
     from edgekit.session import DecoderSession
 
     b = open_bundle(Path(path).expanduser(), check_integrity_first=check_integrity)
@@ -126,7 +146,7 @@ def open_bundle_scorer(path: str | Path, check_integrity: bool = True, model_fil
         bos_token_id=arch.get("bos_token_id"),
         eos_token_ids=tuple(arch.get("eos_token_ids") or ()),
     )
-    s.session = DecoderSession(b.path / (model_file or m["graph"]["file"]))
+    s.session = DecoderSession(b.path / (model_file or m["graph"]["file"]), options=set_threads(threads))
     return s
 
 
@@ -178,6 +198,7 @@ def open_checkpoint_scorer(
     allow_download: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    threads: int | None = None,
 ) -> TorchScorer:
     # Lazy: export imports the quality gate, which imports this module.
     from edgekit.export import ExportRequest, choose_skip
@@ -185,6 +206,7 @@ def open_checkpoint_scorer(
     from edgekit.resolve import resolve_model
     from edgekit.surgery import apply_skip
 
+    set_threads(threads)
     resolved = resolve_model(model, allow_download=allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, trust_remote_code, allow_pickle)
     skipset = choose_skip(ExportRequest(model=model, skip=skip, skip_layers=skip_layers), ckpt)
@@ -200,10 +222,11 @@ def open_scorer(
     allow_download: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    threads: int | None = None,
 ) -> Scorer:
     """A bundle folder (has edgekit.json) or anything `export` accepts as MODEL."""
     if is_bundle(target):
         if skip is not None or skip_layers is not None:
             raise EdgekitError(f"{target} is a bundle: its skip set was fixed at export; drop --skip/--skip-layers")
-        return open_bundle_scorer(target, check_integrity)
-    return open_checkpoint_scorer(target, skip, skip_layers, allow_download, trust_remote_code, allow_pickle)
+        return open_bundle_scorer(target, check_integrity, threads=threads)
+    return open_checkpoint_scorer(target, skip, skip_layers, allow_download, trust_remote_code, allow_pickle, threads)

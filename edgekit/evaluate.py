@@ -32,6 +32,7 @@ class EvalRequest:
     limit: int | None = None  # documents of the text, examples per task
     max_tokens: int | None = None  # tokens of the text, over all documents
     check_integrity: bool = True
+    threads: int | None = None  # intra-op threads for onnxruntime and torch [default: theirs]
     allow_download: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -182,6 +183,7 @@ def evaluate(req: EvalRequest) -> EvalResult:
         "allow_download": req.allow_download,
         "trust_remote_code": req.trust_remote_code,
         "allow_pickle": req.allow_pickle,
+        "threads": req.threads,
     }
     scorer = open_scorer(req.target, req.skip, req.skip_layers, **opts)
     result = EvalResult(model=scorer.describe())
@@ -204,7 +206,7 @@ def evaluate(req: EvalRequest) -> EvalResult:
             result.perplexity = eval_perplexity(scorer, docs, window, stride, req.progress)
     for path in req.tasks:
         n = req.limit or sum(1 for line in path.open(encoding="utf-8", errors="replace") if line.strip())
-        with _bar(n, path.stem, req.progress) as bar:
+        with _bar(n, path.stem, req.progress, unit="question") as bar:
             result.tasks.append(score_task(scorer, path, req.limit, bar.update))
     return result
 
@@ -218,9 +220,9 @@ class _NoBar:
     def update(self, n: int) -> None: ...
 
 
-def _bar(total: int, desc: str, enabled: bool) -> Any:
+def _bar(total: int, desc: str, enabled: bool, unit: str = "doc") -> Any:
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="doc", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)

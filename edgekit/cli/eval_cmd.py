@@ -38,6 +38,7 @@ def _task_paths(tasks: str | None) -> list[Path]:
 @click.option("--max-tokens", type=click.IntRange(min=2), help="At most N tokens of --text.")
 @click.option("--skip", "skip", metavar="N", help="Checkpoint only: remove the attention of the last N layers.")
 @click.option("--skip-layers", metavar="LIST", help="Checkpoint only: remove attention from these layers.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads [default: all cores].")
 @click.option("--no-integrity-check", is_flag=True, help="Use bundles whose files do not match their manifest.")
 @click.option("--allow-download", is_flag=True, help="Download the model from the Hugging Face hub if needed.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (never by default).")
@@ -55,6 +56,7 @@ def command(
     max_tokens: int | None,
     skip: str | None,
     skip_layers: str | None,
+    threads: int | None,
     no_integrity_check: bool,
     allow_download: bool,
     trust_remote_code: bool,
@@ -87,6 +89,7 @@ def command(
         limit=limit,
         max_tokens=max_tokens,
         check_integrity=not no_integrity_check,
+        threads=threads,
         allow_download=allow_download,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
