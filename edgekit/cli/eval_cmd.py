@@ -36,7 +36,12 @@ def _task_paths(tasks: str | None) -> list[Path]:
 @click.option("--tasks", metavar="FILES", help="Multiple-choice JSONL files (HellaSwag/ARC shape), comma-separated.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most N documents of --text and N examples per task.")
 @click.option("--max-tokens", type=click.IntRange(min=2), help="At most N tokens of --text.")
-@click.option("--skip", "skip", metavar="N", help="Checkpoint only: remove the attention of the last N layers.")
+@click.option(
+    "--skip",
+    "skip",
+    metavar="N|auto:N",
+    help="Checkpoint only: remove the attention of the last N layers, or (auto:N) the N least important.",
+)
 @click.option("--skip-layers", metavar="LIST", help="Checkpoint only: remove attention from these layers.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads [default: all cores].")
 @click.option("--no-integrity-check", is_flag=True, help="Use bundles whose files do not match their manifest.")
