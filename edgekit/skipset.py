@@ -12,7 +12,10 @@ from typing import Any
 
 from edgekit.errors import EdgekitError
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+# ASCII digits only, at most 9: str.isdigit() accepts '²', which int() rejects, and int() refuses
+# strings of more than 4,300 digits; both used to escape as ValueError instead of a message.
+_RANGE = re.compile(r"^\s*([0-9]{1,9})\s*(?:-\s*([0-9]{1,9})\s*)?$")
+_COUNT = re.compile(r"[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,10 @@ def parse_skip_count(text: str) -> int | str:
     t = text.strip().lower()
     if t.startswith("auto:"):
         n = t[5:]
-        if not n.isdigit():
+        if not _COUNT.fullmatch(n):
             raise EdgekitError(f"--skip {text}: expected auto:N with N a whole number")
         return f"auto:{int(n)}"
-    if not t.isdigit():
+    if not _COUNT.fullmatch(t):
         raise EdgekitError(f"--skip {text}: expected a whole number of layers (or auto:N)")
     return int(t)
 
