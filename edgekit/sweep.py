@@ -74,10 +74,22 @@ class SweepRequest:
     export_args: list[str] = field(default_factory=list)  # extra, e.g. ["--lm-head-bits", "8"]
     command: str = ""
 
+    def settings(self) -> dict[str, Any]:
+        """What a stored result depends on besides its configuration: a rerun with other settings redoes it."""
+        return {
+            "model": self.model,
+            "text": str(self.text or DEFAULT_TEXT),
+            "max_tokens": self.max_tokens,
+            "calib": str(self.calib) if self.calib else None,
+            "verify": self.verify,
+            "profile": [self.prompt_len, self.gen_len, self.runs, self.threads],
+            "export_args": self.export_args,
+        }
+
     def configs(self) -> list[SweepConfig]:
         out = []
-        for q in self.quants:
-            for n in self.skips:
+        for q in dict.fromkeys(self.quants):
+            for n in dict.fromkeys(self.skips):
                 out.append(SweepConfig(str(n), q))
                 if self.auto and n > 0:
                     out.append(SweepConfig(f"auto:{n}", q))
@@ -160,6 +172,7 @@ def _export_and_eval(req: SweepRequest, cfg: SweepConfig, partial: Path) -> dict
     bundle = req.output / "bundles" / cfg.name
     log = req.output / "logs" / f"{cfg.name}.log"
     rec: dict[str, Any] = {"name": cfg.name, "skip": cfg.skip, "quant": cfg.quant, "rule": cfg.rule, "n": cfg.n}
+    rec["settings"] = req.settings()
     t = time.perf_counter()
     args = ["export", req.model, "--skip", cfg.skip, "--quant", cfg.quant, "-o", str(bundle), "--force", "--json"]
     args += (["--calib", str(req.calib)] if req.calib else []) + ([] if req.verify else ["--no-verify"])
@@ -228,12 +241,12 @@ def run_sweep(req: SweepRequest, on_event: Callable[[str], None] | None = None) 
     for cfg in configs:
         f = req.output / "results" / f"{cfg.name}.json"
         prev = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
-        if prev and prev.get("status") == "ok":
+        if prev and prev.get("status") == "ok" and prev.get("settings") == req.settings():
             done[cfg.name] = prev
             if not req.keep_bundles:  # a sweep killed while deleting it may have left the bundle behind
                 shutil.rmtree(req.output / "bundles" / cfg.name, ignore_errors=True)
         else:
-            todo.append(cfg)  # never run, interrupted, or failed last time: (re)do it
+            todo.append(cfg)  # never run, interrupted, failed, or run with other settings: (re)do it
     reused = list(done)
     say(f"{len(configs)} configurations: {len(reused)} already done, {len(todo)} to run")
 
@@ -244,7 +257,7 @@ def run_sweep(req: SweepRequest, on_event: Callable[[str], None] | None = None) 
         partial = req.output / "partial" / f"{cfg.name}.json"
         bundle = req.output / "bundles" / cfg.name
         prev = json.loads(partial.read_text(encoding="utf-8")) if partial.is_file() else None
-        if prev and (bundle / "edgekit.json").is_file():
+        if prev and prev.get("settings") == req.settings() and (bundle / "edgekit.json").is_file():
             rec = prev  # exported and evaluated before an interruption; only profiling is missing
         else:
             try:

@@ -75,6 +75,11 @@ def test_broken_config_is_recorded_and_the_report_still_written(tmp_path):
     assert os.path.getsize(out / "report.html") > 0
     rows = {row["name"]: row for row in csv.DictReader((out / "results.csv").open())}
     assert rows["last7-int8"]["status"] == "failed" and rows["skip0-int8"]["pareto_speed"] == "True"
+    # A rerun keeps the good configuration and tries the failed one again.
+    r = subprocess.run(
+        _sweep(out, "--skip", "0,7", "--quant", "int8"), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert "1 already done, 1 to run" in r.stderr and "1 failed" in r.stdout
 
 
 def test_pareto_front():

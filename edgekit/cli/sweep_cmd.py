@@ -18,7 +18,11 @@ from edgekit.sweep import SweepRequest, parse_list, run_sweep
 @click.option("--auto", is_flag=True, help="Also run auto:N (the N least important layers, see `analyze`) per N.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), required=True, help="Sweep folder.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Exports/evals in parallel.")
-@click.option("--text", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Eval text for perplexity.")
+@click.option(
+    "--text",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Eval text for perplexity [default: shipped TinyStories sample].",
+)
 @click.option("--max-tokens", type=click.IntRange(min=2), help="At most N tokens of --text.")
 @click.option("--calib", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="Ranks layers for auto:N.")
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True, help="Profile prompt length.")
