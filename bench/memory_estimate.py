@@ -21,24 +21,9 @@ CHILD = (
     "measure(json.loads(sys.argv[1]))\n"
     "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
 )
-# edgekit's runtime binds a shared past/present buffer, which only the fused graph takes; standard-graph
-# bundles run the same prompt + generation through the plain step session instead.
-CHILD_STANDARD = (
-    "import json, sys\n"
-    "import numpy as np\n"
-    "from tokenizers import Tokenizer\n"
-    "from edgekit.session import DecoderSession\n"
-    "spec = json.loads(sys.argv[1]); b = spec['bundle']\n"
-    "ids = Tokenizer.from_file(b + '/tokenizer.json').encode(open('edgekit/data/calib-tinystories.txt').read()).ids\n"
-    "s = DecoderSession(b + '/model.onnx')\n"
-    "logits, cache = s.forward(np.asarray([ids[: spec['prompt_lens'][0]]]))\n"
-    "for _ in range(spec['gen_len'] + spec['warmup']):\n"
-    "    logits, cache = s.forward(np.asarray([[int(logits[0, -1].argmax())]]), cache)\n"
-    "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
-)
 
 
-def measure_peak(bundle: str, prompt_len: int, gen_len: int, flavour: str) -> int:
+def measure_peak(bundle: str, prompt_len: int, gen_len: int) -> int:
     spec = {
         "bundle": bundle,
         "prompt_lens": [prompt_len],
@@ -49,8 +34,7 @@ def measure_peak(bundle: str, prompt_len: int, gen_len: int, flavour: str) -> in
         "affinity": None,
         "spin": True,
     }
-    child = CHILD_STANDARD if flavour == "standard" else CHILD
-    r = subprocess.run([sys.executable, "-c", child, json.dumps(spec)], capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=True)
     return int(r.stdout.split()[-1]) * 1024
 
 
@@ -64,9 +48,8 @@ def main() -> None:
     rows = []
     for b in args.bundles:
         with open(f"{b}/edgekit.json", encoding="utf-8") as f:
-            manifest = json.load(f)
-        mem = manifest["memory"]
-        peak = measure_peak(b, args.prompt_len, args.gen_len, manifest["graph"]["flavour"])
+            mem = json.load(f)["memory"]
+        peak = measure_peak(b, args.prompt_len, args.gen_len)
         rows.append({"bundle": b, **mem, "measured_peak_bytes": peak, "peak_over_estimate": peak / mem["total_bytes"]})
     if args.json:
         print(json.dumps(rows, indent=2))

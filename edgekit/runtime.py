@@ -41,8 +41,11 @@ _DEVICE_BUFFERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider":
 class KVEngine:
     """One sequence's forward steps over a shared past/present KV buffer (batch 1)."""
 
-    def __init__(self, session: ort.InferenceSession, capacity: int = 0) -> None:
+    def __init__(self, session: ort.InferenceSession, capacity: int = 0, shared: bool = True) -> None:
         self.session = session
+        # The standard graph flavour (graph_standard.py) concatenates past and new keys, so its present is a
+        # new tensor one step longer: it cannot share a buffer; its past is fed as a copy and present copied back.
+        self.shared = shared
         ins = {i.name: i for i in session.get_inputs()}
         self.past_names = [n for n in ins if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
@@ -88,8 +91,9 @@ class KVEngine:
                 value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self._device, 0)
                 self._buffers.append(value)
             # The same OrtValue on both sides is what puts GroupQueryAttention in shared-buffer mode.
-            self._io.bind_ortvalue_input(past, value)
-            self._io.bind_ortvalue_output(present, value)
+            if self.shared:
+                self._io.bind_ortvalue_input(past, value)
+                self._io.bind_ortvalue_output(present, value)
         self.length = 0
 
     def reset(self) -> None:
@@ -111,7 +115,14 @@ class KVEngine:
             self._io.bind_ortvalue_output("logits", self._logits_value)
         else:
             self._io.bind_output("logits", "cpu")  # prefill: onnxruntime allocates [1, n, vocab]
+        if not self.shared:
+            for past, present, buf in zip(self.past_names, self.present_names, self._buffers, strict=True):
+                self._io.bind_cpu_input(past, np.ascontiguousarray(buf[:, :, : self.length]))
+                self._io.bind_output(present, "cpu")
         self.session.run_with_iobinding(self._io)
+        if not self.shared:  # outputs come back in first-bound order: logits, then the presents
+            for buf, value in zip(self._buffers, self._io.get_outputs()[1:], strict=True):
+                buf[:, :, :total] = value.numpy()
         self.length = total
         if n == 1:
             return self._logits[0]
@@ -258,7 +269,8 @@ class Generator:
         self.tokenizer = Tokenizer.from_file(str(tok_file))
         if kv_capacity is not None and not 1 <= kv_capacity <= self.max_context:
             raise EdgekitError(f"kv_capacity {kv_capacity}: must be between 1 and the context {self.max_context}")
-        self.engine = KVEngine(self.session, kv_capacity or 0)
+        shared = self.bundle.manifest["graph"].get("flavour", "fused") != "standard"
+        self.engine = KVEngine(self.session, kv_capacity or 0, shared=shared)
         self.last: Generation | None = None
 
     def encode(self, text: str) -> list[int]:

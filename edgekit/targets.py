@@ -117,10 +117,11 @@ def add_target(
             weights="int8 per-channel DequantizeLinear → MatMul" if req.quant.bits else req.quant.mode,
         )
         if req.quant.bits:  # the standard graph quantizes per output channel, not in MatMulNBits blocks
-            q = {k: v for k, v in manifest["quantization"].items() if k not in ("block_size", "accuracy_level")}
+            q = dict(manifest["quantization"])
             q.update(
                 symmetric=True,
-                scheme="int8 per output channel, symmetric, DequantizeLinear → MatMul (fp activations)",
+                scheme="int8 per output channel, symmetric, DequantizeLinear → MatMul (fp activations); "
+                "block_size and accuracy_level apply to the fused graph's MatMulNBits only",
                 quantizer="edgekit graph_standard (numpy)",
             )
             manifest = {**manifest, "quantization": q}

@@ -256,6 +256,16 @@ def test_android_bundle_ort_matches_onnx_tokens(android_bundle):
     assert _greedy(android_bundle / "model.ort", PROMPT, 20) == reference
 
 
+def test_edgekit_runtime_runs_standard_bundles(android_bundle):
+    # the standard graph concatenates KV, so the runtime feeds past as a copy instead of sharing a buffer
+    gen = Generator(android_bundle)
+    assert not gen.engine.shared
+    ours = gen.generate(PROMPT, GenerationConfig(max_new_tokens=16, stop_on_eos=False)).token_ids
+    assert ours == _greedy(android_bundle / "model.onnx", PROMPT, 16)
+    again = gen.generate(PROMPT[:3], GenerationConfig(max_new_tokens=8, stop_on_eos=False)).token_ids
+    assert again == _greedy(android_bundle / "model.onnx", PROMPT[:3], 8)
+
+
 def test_fixed_shape_variants_match_the_dynamic_graph(android_bundle):
     fixed = android_bundle / "fixed"
     pre = onnx.load(str(fixed / "prefill.onnx"), load_external_data=False)

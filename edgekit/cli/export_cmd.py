@@ -213,7 +213,7 @@ def command(
     click.echo(
         f"  weights    {q['mode']}"
         + (
-            f", {q['scheme']}"
+            f", {q['scheme'].split(';')[0]}"
             if q.get("scheme")
             else f", block {q['block_size']}, accuracy level {q['accuracy_level']}, "
             f"lm_head {q['lm_head']}, embedding {q['embedding']}"
