@@ -236,7 +236,6 @@ def analyze_checkpoint(
 
     `rounds` greedy rounds are run for auto:N (default: all but one layer, so any N can be recommended).
     """
-    import torch
     from tokenizers import Tokenizer
 
     from edgekit.load import load_torch_model
@@ -250,14 +249,14 @@ def analyze_checkpoint(
     window = min(ckpt.spec.max_context, MAX_WINDOW)
     chunks, docs = calibration_chunks(lambda s: tokenizer.encode(s).ids, calib, token_budget, window)
     model = model if model is not None else load_torch_model(ckpt)
-    torch.manual_seed(0)
     scores = attention_importance(model, chunks)
     layers = [LayerScore(i, float(s)) for i, s in enumerate(scores)]
     rounds = ckpt.spec.num_layers - 1 if rounds is None else rounds
     order, history = greedy_order(model, chunks, rounds, scores)
     baseline = None
     if measure:
-        # Each chunk is scored as its own window, so the numbers compare across layers and with eval's.
+        # Each chunk is one window, the same for every layer, so the numbers compare across layers;
+        # `edgekit eval`'s overlapping windows give slightly lower absolute perplexities.
         baseline = _ppl(model, chunks, window)
         for s in layers:
             skipped = apply_skip(copy.deepcopy(model), SkipSet.explicit([s.layer], ckpt.spec.num_layers))
