@@ -228,6 +228,13 @@ def _cross_checks(m: dict[str, Any]) -> None:
     for key in ("file", "external_data"):
         if graph.get(key) is not None and graph[key] not in files:
             raise _Bad(f"graph.{key} {graph[key]!r} is not in files")
+    quant, ver = m["quantization"], m.get("verification")
+    if quant["bits"] is not None:
+        for key in ("block_size", "lm_head", "embedding"):
+            if key not in quant:
+                raise _Bad(f"lacks 'quantization.{key}', which a {quant['bits']}-bit bundle records")
+    if ver and ver.get("ppl_onnx") is not None and ver.get("ppl_torch_fp32") is None:
+        raise _Bad("verification.ppl_onnx has no verification.ppl_torch_fp32 to compare with")
     for name in m.get("tokenizer", {}).get("files", []):
         if name not in files:
             raise _Bad(f"tokenizer file {name!r} is not in files")

@@ -261,6 +261,8 @@ def parse_recipe(text: str, where: str) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise EdgekitError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from e
+    except RecursionError as e:  # PyYAML recurses per nesting level
+        raise EdgekitError(f"{where}: not a recipe: its YAML nests too deeply") from e
     flat = _validate(data, where)
     flat["providers"] = tuple({"name": p["name"], "options": dict(p.get("options") or {})} for p in flat["providers"])
     fixed = flat.pop("fixed_shapes", None)
