@@ -17,6 +17,7 @@ Only the standard library is imported at the top: each command imports its toolc
 from __future__ import annotations
 
 import json
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -63,8 +64,12 @@ def optimum(ckpt: str, out: str, quant: str) -> None:
 
 
 def genai(ckpt: str, out: str, quant: str, skip: str = "") -> None:
+    import importlib
+
     from onnxruntime_genai.models import builder
-    from onnxruntime_genai.models.builders import base
+
+    # builder.py imports its siblings as top-level modules (`from builders import ...`): patch that copy
+    base = importlib.import_module("builders.base")
 
     skipped = set(parse_layers(skip))
     if skipped:
@@ -91,7 +96,7 @@ def genai(ckpt: str, out: str, quant: str, skip: str = "") -> None:
         "builder", "-i", ckpt, "-o", out, "-p", quant, "-e", "cpu", "-c", str(cache),
         "--extra_options", "accuracy_level=4", "block_size=32",
     ]  # fmt: skip
-    builder.main()
+    runpy.run_module(builder.__name__, run_name="__main__")  # its command line, with the patch in place
     shutil.rmtree(cache, ignore_errors=True)
     if skipped:
         _drop_skipped_kv(Path(out), skipped)
@@ -124,7 +129,9 @@ def _drop_skipped_kv(out: Path, skipped: set[int]) -> None:
     for node in g.node:
         node.input[:] = [rename.get(n, n) for n in node.input]
         node.output[:] = [rename.get(n, n) for n in node.output]
-    onnx.save(model, str(path))
+    data = out / "model.onnx.data"
+    data.unlink(missing_ok=True)  # onnx appends to an existing external-data file
+    onnx.save(model, str(path), save_as_external_data=True, location=data.name)
     cfg_path = out / "genai_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["model"]["decoder"]["num_hidden_layers"] = len(kept)
