@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -100,6 +101,12 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--runs", type=int, default=3, help="runs per bundle (interleaved)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    ap.add_argument(
+        "--spin",
+        action="store_true",
+        help="let onnxruntime's idle threads spin (default off: on a shared machine spinning burns others' cores "
+        "and inflates CPU time)",
+    )
     ap.add_argument("--build-only", action="store_true", help="build checkpoint and bundles, do not profile")
     ap.add_argument("--json", type=Path, default=WORK / "results.json", help="where to write all numbers")
     args = ap.parse_args()
@@ -122,6 +129,7 @@ def main() -> None:
             gen_len=args.gen_len,
             runs=args.runs,
             threads=args.threads,
+            spin=args.spin,
             check_integrity=False,  # sha256 of 4 GB per run would only add minutes
         )
         report = profile(req)
@@ -131,6 +139,8 @@ def main() -> None:
         "command": "python bench/speed.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {platform.processor() or '?'}, {_cpu_name()}",
         "threads": args.threads,
+        "spin": args.spin,
+        "load_average_at_end": list(os.getloadavg()),
     }
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"\nnumbers: {args.json}", file=sys.stderr)

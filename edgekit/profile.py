@@ -74,6 +74,8 @@ class SettingResult:
     decode_ms_median: Stat
     decode_ms_p90: Stat
     decode_tokens_per_s: Stat
+    ttft_cpu_ms: Stat  # process CPU time (all threads): steadier than wall time on a shared machine
+    decode_cpu_ms_median: Stat
 
 
 @dataclass
@@ -106,6 +108,8 @@ class Ratio:
     prefill_speedup: Stat
     decode_speedup: Stat
     decode_p90_speedup: Stat
+    ttft_cpu_speedup: Stat  # the same speedups in CPU time per token
+    decode_cpu_speedup: Stat
     peak_rss_ratio: Stat  # other / baseline: < 1 means the other needs less
     model_bytes_ratio: float
     kv_bytes_ratio: float
@@ -286,6 +290,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         cfg = GenerationConfig(max_new_tokens=spec["warmup"] + spec["gen_len"] + 1, stop_on_eos=False)
         g = gen.generate(prompt[:n], cfg)
         steps = np.asarray(g.step_s[spec["warmup"] :]) * 1000
+        cpu_steps = np.asarray(g.step_cpu_s[spec["warmup"] :]) * 1000
         settings.append(
             {
                 "prompt_len": n,
@@ -293,6 +298,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 "decode_ms_median": float(np.median(steps)),
                 "decode_ms_p90": float(np.percentile(steps, 90)),
                 "decode_steps": len(steps),
+                "ttft_cpu_s": g.prefill_cpu_s,
+                "decode_cpu_ms_median": float(np.median(cpu_steps)),
             }
         )
     threads = gen.session.get_session_options().intra_op_num_threads
@@ -331,6 +338,8 @@ def _summarize(b: Bundle, label: str, runs: list[dict[str, Any]], req: ProfileRe
                 decode_ms_median=Stat.of([s["decode_ms_median"] for s in per]),
                 decode_ms_p90=Stat.of([s["decode_ms_p90"] for s in per]),
                 decode_tokens_per_s=Stat.of([1000 / s["decode_ms_median"] for s in per]),
+                ttft_cpu_ms=Stat.of([1000 * s["ttft_cpu_s"] for s in per]),
+                decode_cpu_ms_median=Stat.of([s["decode_cpu_ms_median"] for s in per]),
             )
         )
     per_token = int(m["graph"].get("kv_bytes_per_token", 0))
@@ -372,6 +381,8 @@ def _ratio(
         prefill_speedup=_paired(os_.prefill_tokens_per_s.runs, bs.prefill_tokens_per_s.runs),
         decode_speedup=_paired(bs.decode_ms_median.runs, os_.decode_ms_median.runs),
         decode_p90_speedup=_paired(bs.decode_ms_p90.runs, os_.decode_ms_p90.runs),
+        ttft_cpu_speedup=_paired(bs.ttft_cpu_ms.runs, os_.ttft_cpu_ms.runs),
+        decode_cpu_speedup=_paired(bs.decode_cpu_ms_median.runs, os_.decode_cpu_ms_median.runs),
         peak_rss_ratio=_paired(other.peak_rss_bytes.runs, base.peak_rss_bytes.runs),
         model_bytes_ratio=other.model_bytes / base.model_bytes if base.model_bytes else float("nan"),
         kv_bytes_ratio=other.kv_bytes_per_token / base.kv_bytes_per_token if base.kv_bytes_per_token else float("nan"),
@@ -413,7 +424,7 @@ def format_report(report: ProfileReport) -> str:
             f"peak RSS {_mb(b.peak_rss_bytes.median)}, placement {_placement(b.placement)}"
         )
     header = f"{'':3}{'prompt':>7}  {'first token ms':>16}  {'prefill tok/s':>16}  {'decode ms/tok':>16}  "
-    header += f"{'p90 ms':>9}  {'tok/s':>14}"
+    header += f"{'p90 ms':>9}  {'tok/s':>14}  {'CPU ms/tok':>10}"
     lines += ["", header]
     for k, b in enumerate(report.bundles):
         tag = chr(ord("A") + k) if k < 26 else str(k)
@@ -422,21 +433,22 @@ def format_report(report: ProfileReport) -> str:
                 f"{tag:3}{s.prompt_len:>7}  {_pm(s.ttft_ms, '{:.1f}'):>16}  "
                 f"{_pm(s.prefill_tokens_per_s, '{:.0f}'):>16}  "
                 f"{_pm(s.decode_ms_median, '{:.2f}'):>16}  {s.decode_ms_p90.median:>9.2f}  "
-                f"{_pm(s.decode_tokens_per_s, '{:.1f}'):>14}"
+                f"{_pm(s.decode_tokens_per_s, '{:.1f}'):>14}  {s.decode_cpu_ms_median.median:>10.2f}"
             )
     if report.ratios:
         lines += [
             "",
             "ratios over paired runs, median [min–max]: speedup > 1 is faster than A; size ratios < 1 are smaller",
             f"{'':7}{'prompt':>7}  {'first-token speedup':>20}  {'decode speedup':>20}  {'p90':>6}  "
-            f"{'KV cache':>8}  {'model size':>10}  {'peak RSS':>8}",
+            f"{'KV cache':>8}  {'model size':>10}  {'peak RSS':>8}  {'CPU-time: first token':>21}  {'decode':>6}",
         ]
         for r in report.ratios:
             tag = chr(ord("A") + next(i for i, b in enumerate(report.bundles) if b.label == r.other))
             lines.append(
                 f"{tag + ' vs A':7}{r.prompt_len:>7}  {_x(r.ttft_speedup):>20}  {_x(r.decode_speedup):>20}  "
                 f"{r.decode_p90_speedup.median:>5.2f}×  {r.kv_bytes_ratio:>7.2f}×  {r.model_bytes_ratio:>9.2f}×  "
-                f"{r.peak_rss_ratio.median:>7.2f}×"
+                f"{r.peak_rss_ratio.median:>7.2f}×  {r.ttft_cpu_speedup.median:>20.2f}×  "
+                f"{r.decode_cpu_speedup.median:>5.2f}×"
             )
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)

@@ -224,6 +224,10 @@ class Generation:
     stop_reason: str = ""  # "eos", "length" or "context"
     prefill_s: float = 0.0  # prompt forward + first token: the time to first token
     step_s: list[float] = field(default_factory=list)  # each later token's forward + sampling
+    # The same in CPU time of the whole process (all threads): on a machine shared with other work, the
+    # work done per token is steadier than the wall clock (threads that spin while idle add to it).
+    prefill_cpu_s: float = 0.0
+    step_cpu_s: list[float] = field(default_factory=list)
 
     @property
     def decode_ms_per_token(self) -> float | None:
@@ -305,9 +309,10 @@ class Generator:
         result = Generation(prompt_ids=ids)
         self.last = result
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         token = sample(self.engine.forward(ids)[-1])
         result.prefill_s = elapsed = time.perf_counter() - start
+        result.prefill_cpu_s = time.process_time() - cpu
         while True:
             if config.stop_on_eos and token in self.eos_ids:
                 result.stop_reason = "eos"
@@ -322,9 +327,10 @@ class Generator:
             if self.engine.length >= self.max_context:
                 result.stop_reason = "context"
                 break
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             token = sample(self.engine.forward([token])[0])
             elapsed = time.perf_counter() - start
+            result.step_cpu_s.append(time.process_time() - cpu)
             result.step_s.append(elapsed)
         result.text = "".join(result.pieces)
         return result

@@ -46,7 +46,8 @@ def test_profile_json_has_every_field_with_sane_values(twins):
     assert 20 * 2**20 < b["peak_rss_bytes"]["median"] < 2 * 2**30  # python + onnxruntime + a 1 MB model
     assert [s["prompt_len"] for s in b["settings"]] == [16, 64]
     for s in b["settings"]:
-        for key in ("ttft_ms", "prefill_tokens_per_s", "decode_ms_median", "decode_ms_p90", "decode_tokens_per_s"):
+        keys = ("ttft_ms", "prefill_tokens_per_s", "decode_ms_median", "decode_ms_p90", "decode_tokens_per_s")
+        for key in (*keys, "ttft_cpu_ms", "decode_cpu_ms_median"):
             sane(s[key])
         assert s["gen_len"] == 8
         for med, p90 in zip(s["decode_ms_median"]["runs"], s["decode_ms_p90"]["runs"], strict=True):
@@ -61,7 +62,7 @@ def test_profile_compare_prints_ratios(twins):
     out = proc.stdout
     assert "A: " in out and "B: " in out and "attention in 3/5 layers" in out
     ratio_rows = [ln for ln in out.splitlines() if ln.startswith("B vs A")]
-    assert len(ratio_rows) == 2 and all("0.60×" in ln and ln.count("×") == 6 for ln in ratio_rows)
+    assert len(ratio_rows) == 2 and all("0.60×" in ln and ln.count("×") == 8 for ln in ratio_rows)
     assert "first-token speedup" in out and "decode speedup" in out
 
 
@@ -73,6 +74,7 @@ def test_profile_compare_json_ratios(twins):
     (r,) = json.loads(proc.stdout)["ratios"]
     assert r["prompt_len"] == 32 and r["kv_bytes_ratio"] == pytest.approx(3 / 5)
     assert r["decode_speedup"]["median"] > 0 and r["ttft_speedup"]["median"] > 0
+    assert r["decode_cpu_speedup"]["median"] > 0 and r["ttft_cpu_speedup"]["median"] > 0
 
 
 def test_profile_needs_compare_for_several_bundles(twins):
