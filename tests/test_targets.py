@@ -422,3 +422,16 @@ def test_recipe_conflicts_are_refused_before_building(tmp_path, capsys):
         "--no-verify",
     )
     assert code == 1 and "no int4" in err and not (tmp_path / "y").exists()
+
+
+def test_recipes_cli_lists_and_shows(capsys):
+    code, out, err = _cli(capsys, "recipes")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == len(shipped_recipes()) and any(ln.startswith("raspberry-pi-5 ") for ln in lines)
+    code, out, err = _cli(capsys, "recipes", "show", "pi5")
+    assert code == 0 and "raspberry-pi-5" in out and "6.5 GB for the model" in out and "unverified" in out
+    code, out, err = _cli(capsys, "recipes", "show", "pi5", "--json")
+    assert code == 0 and json.loads(out)["providers"] == [{"name": "CPUExecutionProvider", "options": {}}]
+    code, out, err = _cli(capsys, "recipes", "show", "no-such-board")
+    assert code == 1 and err.startswith("edgekit: error: unknown recipe 'no-such-board'")
