@@ -254,6 +254,18 @@ def test_android_bundle_ort_matches_onnx_tokens(android_bundle):
     assert {n.domain for n in onnx.load(str(android_bundle / "model.onnx")).graph.node} <= {"", "ai.onnx"}
     reference = _greedy(android_bundle / "model.onnx", PROMPT, 20)
     assert _greedy(android_bundle / "model.ort", PROMPT, 20) == reference
+    # and with the saved runtime optimizations replayed (what the CPU EP does with nodes no EP claimed)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
+    session = DecoderSession(android_bundle / "model.ort", options=so)
+    logits, cache = session.forward(np.asarray([PROMPT]))
+    replayed = []
+    for _ in range(20):
+        replayed.append(int(logits[0, -1].argmax()))
+        logits, cache = session.forward(np.asarray([[replayed[-1]]]), cache)
+    assert replayed == reference
 
 
 def test_edgekit_runtime_runs_standard_bundles(android_bundle):
