@@ -218,6 +218,8 @@ def _profile(req: SweepRequest, rec: dict[str, Any]) -> dict[str, Any]:
         decode_ms_min=s["decode_ms_median"]["min"],
         decode_ms_max=s["decode_ms_median"]["max"],
         decode_ms_p90=s["decode_ms_p90"]["median"],
+        # CPU time per step: what waiting for a busy core does not inflate (single-threaded it is the work).
+        decode_cpu_ms=(s.get("decode_cpu_ms_median") or {}).get("median"),
         ttft_ms=s["ttft_ms"]["median"],
         prefill_tokens_per_s=s["prefill_tokens_per_s"]["median"],
         model_bytes=b["model_bytes"],

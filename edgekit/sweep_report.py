@@ -27,6 +27,7 @@ COLUMNS = [
     "ppl_tokens",
     "decode_ms",
     "decode_ms_p90",
+    "decode_cpu_ms",
     "ttft_ms",
     "prefill_tokens_per_s",
     "bundle_bytes",
@@ -198,12 +199,17 @@ def _comparison(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _fmt(v: Any, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
 def _table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    head = ["config", "skipped layers", "quant", "perplexity (95% CI)", "decode ms/token", "bundle KB", "Pareto"]
+    head = ["config", "skipped layers", "quant", "perplexity (95% CI)", "decode ms/token", "CPU ms/token", "bundle KB"]
+    head.append("Pareto")
     out = [head]
     for r in rows:
         if r.get("status") != "ok":
-            out.append([r["name"], "", r["quant"], f"FAILED ({r.get('stage')}): {r.get('error', '')}", "", "", ""])
+            out.append([r["name"], "", r["quant"], f"FAILED ({r.get('stage')}): {r.get('error', '')}", "", "", "", ""])
             continue
         lo, hi = r["ppl_ci95"]
         pareto = [k for k, f in (("speed", "pareto_speed"), ("size", "pareto_size")) if r.get(f)]
@@ -214,6 +220,7 @@ def _table(rows: list[dict[str, Any]]) -> list[list[str]]:
                 r["quant"],
                 f"{r['perplexity']:.3f} ({lo:.2f}-{hi:.2f})",
                 f"{r['decode_ms']:.3f} ({r['decode_ms_min']:.3f}-{r['decode_ms_max']:.3f})",
+                _fmt(r.get("decode_cpu_ms"), ".3f"),
                 f"{r['bundle_bytes'] / 1024:.0f}",
                 " + ".join(pareto),
             ]
