@@ -164,7 +164,9 @@ def check_affinity(spec: str, threads: int | None) -> None:
     for entry in entries:
         for part in entry.split(","):
             bounds = part.split("-")
-            if not all(b.strip().isdigit() and 1 <= int(b) <= cpus for b in bounds) or len(bounds) > 2:
+            # isascii: '²'.isdigit() is True but int('²') raises
+            ok = all(b.strip().isascii() and b.strip().isdigit() and 1 <= int(b) <= cpus for b in bounds)
+            if not ok or len(bounds) > 2:
                 raise EdgekitError(f"--affinity '{spec}': '{part}' is not a processor 1-{cpus} or a range of them")
 
 
