@@ -52,6 +52,9 @@ MODELS = {
 }
 
 
+GENAI_LAYOUT = ["--symmetric", "--lm-head-bits", "4"]
+
+
 def contenders(model: str, skip: list[int]) -> list[pb.Contender]:
     d = WORK / "models" / model
     out = []
@@ -59,6 +62,11 @@ def contenders(model: str, skip: list[int]) -> list[pb.Contender]:
         for s in ([], skip):
             name = f"edgekit {q} skip{len(s)}"
             out.append(pb.Contender(model, name, "edgekit", q, s, "edgekit", str(d / f"edgekit-{q}-skip{len(s)}")))
+    # genai's int4 layout (symmetric blocks, lm_head at 4 bits too): the same bytes, so the same work
+    for s in ([], skip):
+        name = f"edgekit int4-sym skip{len(s)}"
+        path = str(d / f"edgekit-int4sym-skip{len(s)}")
+        out.append(pb.Contender(model, name, "edgekit", "int4", s, "edgekit", path, args=GENAI_LAYOUT))
     for q in ("int8", "int4"):
         out.append(pb.Contender(model, f"optimum {q}", "optimum", q, [], "optimum", str(d / f"optimum-{q}"),
                                 file_name="model_quantized.onnx"))  # fmt: skip

@@ -117,6 +117,7 @@ class Contender:
     kind: str  # the runner in peers_child.py
     path: str
     file_name: str | None = None
+    args: list[str] = field(default_factory=list)  # extra export options (edgekit)
     build: dict = field(default_factory=dict)  # export_s, export_peak_rss_bytes, file_bytes
     error: str | None = None
 
@@ -165,7 +166,7 @@ def build(c: Contender, ckpt: Path) -> Contender:
     try:
         if c.tool == "edgekit":
             cmd = [MAIN_PY, "-m", "edgekit", "export", ckpt, "--quant", c.quant, "--no-verify", "-o", out, "--force"]
-            cmd += ["--skip-layers", skip] if skip else []
+            cmd += (["--skip-layers", skip] if skip else []) + c.args
         elif c.tool == "optimum":
             ensure_venv("optimum")
             cmd = [venv_python("optimum"), TOOLS, "optimum", ckpt, out, c.quant]
