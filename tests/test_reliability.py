@@ -249,3 +249,31 @@ def test_fresh_export_manifest_passes_the_schema(bundle_factory):
 
     for kw in ({"skip": 2, "quant": "int4"}, {"skip": 0, "quant": "fp32"}):
         validate_manifest(json.loads((bundle_factory(**kw) / "edgekit.json").read_text()))
+
+
+def test_tampered_bundle_runs_only_when_told(tmp_path, bundle_factory):
+    b = tmp_path / "b"
+    shutil.copytree(bundle_factory(skip=2, quant="int4"), b)
+    (b / "generation_config.json").write_text("{}")  # harmless, but not what the manifest says
+    run = [sys.executable, str(PAUSE), "run", str(b), "Once", "--max-new-tokens", "4"]
+    refused = subprocess.run(run, capture_output=True, text=True, env=_env(tmp_path))
+    assert refused.returncode == 1 and "does not match its manifest" in refused.stderr
+    allowed = subprocess.run([*run, "--no-integrity-check"], capture_output=True, text=True, env=_env(tmp_path))
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.startswith("Once")
+
+
+def test_benign_pickle_loads_with_the_flag_through_the_weights_only_loader(tmp_path, stories_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from edgekit.load import open_checkpoint
+
+    shutil.copytree(stories_path, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    state = load_file(stories_path / "model.safetensors")
+    torch.save(state, tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(EdgekitError, match="--allow-pickle"):
+        open_checkpoint(tmp_path / "m", "m")
+    ckpt = open_checkpoint(tmp_path / "m", "m", allow_pickle=True)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert (ckpt.weights.get(name) == state[name].numpy()).all()
