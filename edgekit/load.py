@@ -104,7 +104,11 @@ class WeightSource:
                     self._where[name] = f
                     self._shapes[name] = tuple(st.get_slice(name).get_shape())
         except Exception as e:  # safetensors raises several types for a damaged header
-            raise EdgekitError(f"cannot read weights {f.name}: {str(e).splitlines()[0]}") from e
+            # safetensors checks the header and that its offsets cover the file exactly, so a truncated
+            # or padded file fails here, up front, not halfway through the export
+            raise EdgekitError(
+                f"cannot read weights {f.name} (damaged or truncated?): {str(e).splitlines()[0][:200]}"
+            ) from e
 
     def _load_pickle(self, f: Path) -> None:
         import torch
