@@ -93,6 +93,7 @@ ROWS: list[Row] = [
     Row("config-without-weights", (*EXPORT, "{m}/no-weights"), r"no weights"),
     Row("safetensors-truncated", (*EXPORT, "{m}/truncated"), r"cannot read weights model\.safetensors"),
     Row("safetensors-corrupt-header", (*EXPORT, "{m}/corrupt-header"), r"cannot read weights model\.safetensors"),
+    Row("safetensors-padded", (*EXPORT, "{m}/padded-safetensors"), r"cannot read weights model\.safetensors"),
     Row("safetensors-empty-file", (*EXPORT, "{m}/empty-safetensors"), r"cannot read weights model\.safetensors"),
     Row("weights-shape-mismatch", (*EXPORT, "{m}/wrong-shapes"), r"has shape .* but the config implies"),
     Row("weights-tensor-missing", (*EXPORT, "{m}/missing-tensor"), r"missing from the checkpoint"),
@@ -303,6 +304,7 @@ def _build_broken_models(root: Path) -> None:
         ("truncated", lambda b: b[: len(b) // 2]),
         ("corrupt-header", lambda b: b[:8] + b"\xff\xfe" + b[10:]),
         ("empty-safetensors", lambda b: b""),
+        ("padded-safetensors", lambda b: b + b"\0" * 64),
     ]:
         p = _checkpoint(root, name) / "model.safetensors"
         p.write_bytes(cut(p.read_bytes()))
