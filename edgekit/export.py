@@ -142,7 +142,7 @@ def export(req: ExportRequest) -> ExportResult:
             contract, data_file = build(ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=on_layer)
         finally:
             progress.close()
-        rss.check("graph writing")
+        rss.phase_done("build")
         seconds["build"] = time.perf_counter() - t
         tokenizer_files = _copy_tokenizer(ckpt.path, tmp)
 
@@ -151,13 +151,17 @@ def export(req: ExportRequest) -> ExportResult:
             t = time.perf_counter()
             report = _verify(ckpt, skip, tmp, req, context, export_memory.verify_method)
             seconds["verify"] = time.perf_counter() - t
-            rss.check("verification")
+            rss.phase_done("verify")
             if not report.passed:
                 raise EdgekitError(
                     f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3g} > tolerance "
                     f"{report.tolerance:.3g} (top-1 agreement {report.top1_agreement:.3f}); no bundle written"
                 )
-        quality = _quality_gate(req, ckpt, skip, tmp, context, seconds)
+        # The gate's reference is the unskipped fp32 model: stream it when the memory plan says it won't fit.
+        stream = (
+            export_memory.verify_method == "streaming" or export_memory.full_verify_bytes > export_memory.budget_bytes
+        )
+        quality = _quality_gate(req, ckpt, skip, tmp, context, seconds, stream)
         model_bytes = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
         device_files = finish_target(tmp, req, ckpt, skip, contract, context)  # genai_config, .ort, fixed shapes
         seconds["total"] = time.perf_counter() - t0
@@ -166,7 +170,10 @@ def export(req: ExportRequest) -> ExportResult:
             add_target(
                 _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
                 | ({"quality": quality} if quality else {})
-                | {"export_memory": export_memory.to_manifest() | {"peak_rss_bytes": rss.peak}},
+                | {
+                    "export_memory": export_memory.to_manifest()
+                    | {"peak_rss_bytes": rss.peak, "phase_peak_rss_bytes": rss.phases}
+                },
                 req,
                 contract,
                 memory,
@@ -178,7 +185,13 @@ def export(req: ExportRequest) -> ExportResult:
 
 
 def _quality_gate(
-    req: ExportRequest, ckpt: Checkpoint, skip: SkipSet, folder: Path, context: int, seconds: dict[str, float]
+    req: ExportRequest,
+    ckpt: Checkpoint,
+    skip: SkipSet,
+    folder: Path,
+    context: int,
+    seconds: dict[str, float],
+    streaming: bool = False,
 ) -> dict[str, Any] | None:
     """Raises (so bundle_writer removes the folder) when the bundle's perplexity breaks the bound."""
     if req.max_ppl_increase is None:
@@ -195,6 +208,7 @@ def _quality_gate(
         context,
         req.quant.mode,
         max_tokens=req.calib_tokens,
+        streaming=streaming,
     )
     seconds["quality"] = time.perf_counter() - t
     if not q.passed:

@@ -156,13 +156,14 @@ class RssWatch:
         self.budget, self.interval = budget, interval
         self._proc = psutil.Process()
         self.start_rss = self._proc.memory_info().rss
-        self.peak = self.start_rss
+        self.peak = self._phase_peak = self.start_rss
+        self.phases: dict[str, int] = {}  # peak RSS of each finished phase
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgekit-rss", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._sample()
 
     def __enter__(self) -> RssWatch:
         self._thread.start()
@@ -171,10 +172,22 @@ class RssWatch:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self._sample()
+
+    def _sample(self) -> int:
+        rss = self._proc.memory_info().rss
+        self.peak = max(self.peak, rss)
+        self._phase_peak = max(self._phase_peak, rss)
+        return rss
+
+    def phase_done(self, phase: str) -> None:
+        """Record the peak of the phase that just ended; the next phase's peak starts from now."""
+        self.check(phase)
+        self.phases[phase] = self._phase_peak
+        self._phase_peak = self._sample()
 
     def check(self, where: str) -> None:
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self._sample()
         if self.budget is not None and self.peak > self.budget:
             raise EdgekitError(
                 f"the export's memory reached {_gb(self.peak)} during {where}, over --max-memory {_gb(self.budget)}; "
