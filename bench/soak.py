@@ -70,7 +70,8 @@ def main() -> None:
         if bundle is None:
             bundle = Path(tmp) / "b"
             cmd = [sys.executable, "-c", "from edgekit.cli import main; main()", "export", "stories260k"]
-            subprocess.run([*cmd, "--skip", "2", "--quant", "int4", "-o", str(bundle)], check=True)
+            args_ = [*cmd, "--skip", "2", "--quant", "int4", "-o", str(bundle)]
+            subprocess.run(args_, check=True, stdout=sys.stderr)  # keep stdout for the report
         report = soak(bundle, args.tokens, args.chunk)
     report["max_growth"] = args.max_growth
     report["passed"] = report["growth_after_warmup"] <= args.max_growth
