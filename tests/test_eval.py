@@ -276,3 +276,18 @@ def test_quality_gate_rejects_and_records(tmp_path, corpora):
     q = json.loads((ok.bundle / "edgekit.json").read_text())["quality"]
     assert q["passed"] and abs(q["increase"]) < 1e-4 and q["max_increase"] == 0.01
     assert q["tokens"] > 500 and 2 < q["ppl_reference"] < 8
+
+
+def test_quality_gate_streaming_reference_matches_full(bundle_factory, stories_path, tmp_path, corpora):
+    from edgekit.eval_gate import quality_gate
+
+    calib = tmp_path / "calib.txt"
+    text = (corpora / "tinystories-train-sample.txt").read_text(encoding="utf-8")
+    calib.write_text("<|endoftext|>".join(text.split("<|endoftext|>")[:4]), encoding="utf-8")
+    ckpt = open_checkpoint(stories_path, "stories260k")
+    bundle = bundle_factory(skip=2, quant="fp32")
+    full = quality_gate(ckpt, [3, 4], bundle, calib, 0.05, 512, "fp32")
+    streamed = quality_gate(ckpt, [3, 4], bundle, calib, 0.05, 512, "fp32", streaming=True)
+    assert streamed.ppl_reference == pytest.approx(full.ppl_reference, rel=1e-5)
+    assert streamed.ppl_bundle == full.ppl_bundle and streamed.tokens == full.tokens
+    assert not full.passed and full.increase > 0.05  # two attention sublayers cost more than 5% here
