@@ -35,7 +35,7 @@ LLAMA_CMAKE_ARGS = (
 )
 # torch first and pinned in every venv: the local CPU wheel, never the CUDA build an unpinned torch pulls.
 VENV_PACKAGES = {
-    "optimum": [["torch==2.13.0"], ["optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58", "psutil"]],
+    "optimum": [["torch==2.13.0"], ["optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58", "psutil", "onnx-ir"]],
     "genai": [
         ["torch==2.13.0"],
         ["onnxruntime-genai==0.18.0", "transformers>=5,<6", "onnx", "onnxruntime", "onnx-ir", "safetensors"],
@@ -169,21 +169,41 @@ def build(c: Contender, ckpt: Path) -> Contender:
             cmd += (["--skip-layers", skip] if skip else []) + c.args
         elif c.tool == "optimum":
             ensure_venv("optimum")
-            cmd = [venv_python("optimum"), TOOLS, "optimum", ckpt, out, c.quant]
+            first = _cached_step(out.parent / "optimum-export", c.model, "optimum", ["optimum-export", ckpt])
+            cmd = [venv_python("optimum"), TOOLS, "optimum-quant", out.parent / "optimum-export", out, c.quant]
         elif c.tool == "genai":
             ensure_venv("genai")
             cmd = [venv_python("genai"), TOOLS, "genai", ckpt, out, c.quant, skip]
         else:
             ensure_venv("llama")
+            f16 = out.parent / f"f16-skip{len(c.skipped)}.gguf"
             conv = llama_source() / "vendor" / "llama.cpp"
-            cmd = [venv_python("llama"), TOOLS, "gguf", ckpt, out, c.quant, skip, conv]
+            first = _cached_step(f16, c.model, "llama", ["gguf-f16", ckpt, f16, skip, conv])
+            cmd = [venv_python("llama"), TOOLS, "gguf-quant", f16, out, c.quant]
         c.build = _measured(cmd, log)
+        if c.tool in ("optimum", "llama.cpp"):  # export/convert + quantize: one toolchain run, like the others
+            c.build["first_step"] = first
+            c.build["export_s"] += first["export_s"]
+            peaks = (c.build["export_peak_rss_bytes"], first.get("export_peak_rss_bytes") or 0)
+            c.build["export_peak_rss_bytes"] = max(peaks)
         c.build["file_bytes"] = _file_bytes(out, c.file_name)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(c.build))
     except Exception as e:  # a peer that cannot be built is reported, not fatal
         c.error = f"{type(e).__name__}: {e}"
     return c
+
+
+def _cached_step(out: Path, model: str, venv: str, args: list) -> dict:
+    """A first step that two contenders share (the fp32 export both quantizations start from, the f16
+    GGUF), run once; its time and peak RSS are cached beside it and added to each contender's."""
+    marker = out.parent / f".peer-{out.name}.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    log = WORK / "logs" / f"build-{model}-{out.name}.log"
+    stats = _measured([venv_python(venv), TOOLS, *args], log)
+    marker.write_text(json.dumps(stats))
+    return stats
 
 
 def set_genai_threads(path: Path, threads: int) -> None:

@@ -1,15 +1,16 @@
 """The peers' own toolchains, each run inside its own virtual environment by bench/peers_build.py.
 
-    optimum  CKPT OUT QUANT          optimum-onnx export (text-generation-with-past) + its quantizer:
-                                     int8 = ORTQuantizer dynamic int8 (AVX-512 VNNI config, per channel);
-                                     int4 = onnxruntime's MatMulNBitsQuantizer over the same export
-                                     (optimum has no int4 of its own), block 32, accuracy level 4
+    optimum-export CKPT OUT          optimum-onnx export (text-generation-with-past), fp32
+    optimum-quant EXPORT OUT QUANT   its quantizer: int8 = ORTQuantizer dynamic int8 (AVX-512 VNNI config,
+                                     per channel); int4 = onnxruntime's MatMulNBitsQuantizer over the same
+                                     export (optimum has no int4 of its own), block 32, accuracy level 4
     genai    CKPT OUT QUANT [SKIP]   onnxruntime-genai model builder, int8/int4, block 32, accuracy level 4;
                                      SKIP (e.g. 16-21) patches the builder to leave out those layers'
                                      input norm + attention, as edgekit does, and drops their KV cache
-    gguf     CKPT OUT QTYPE [SKIP]   llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist) to
-                                     f16, then llama_model_quantize to Q8_0/Q4_0; SKIP converts the model
-                                     as DeciLM (Nemotron-NAS) with attention-free layers
+    gguf-f16 CKPT OUT [SKIP] CONV    llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist, in
+                                     folder CONV) to f16; SKIP converts the model as DeciLM (Nemotron-NAS)
+                                     with those layers attention-free
+    gguf-quant F16 OUT QTYPE         llama_model_quantize (llama-quantize's engine) to Q8_0/Q4_0
 
 Only the standard library is imported at the top: each command imports its toolchain itself.
 """
@@ -34,30 +35,38 @@ def parse_layers(text: str) -> list[int]:
 # ---- optimum-onnx ----
 
 
-def optimum(ckpt: str, out: str, quant: str) -> None:
+def optimum_export(ckpt: str, out: str) -> None:
+    """optimum-cli export onnx --task text-generation-with-past, as its Python call (fp32)."""
     from optimum.exporters.onnx import main_export
 
-    dst = Path(out)
-    main_export(ckpt, output=dst, task="text-generation-with-past", device="cpu", no_post_process=False)
+    main_export(ckpt, output=Path(out), task="text-generation-with-past", device="cpu")
+
+
+def optimum_quant(export: str, out: str, quant: str) -> None:
+    """Quantize an optimum export: int8 = ORTQuantizer dynamic (AVX-512 VNNI config, per channel);
+    int4 = onnxruntime's MatMulNBitsQuantizer (optimum has no int4 of its own), block 32, accuracy level 4."""
+    src, dst = Path(export), Path(out)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix == ".json":  # config + generation config: ORTModelForCausalLM reads them
+            shutil.copyfile(f, dst / f.name)
     if quant == "int8":
         from optimum.onnxruntime import ORTQuantizer
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-        quantizer = ORTQuantizer.from_pretrained(dst, file_name="model.onnx")
+        quantizer = ORTQuantizer.from_pretrained(src, file_name="model.onnx")
         qconfig = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
         quantizer.quantize(save_dir=dst, quantization_config=qconfig)  # writes model_quantized.onnx
     elif quant == "int4":
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        model = onnx.load(str(dst / "model.onnx"))
+        model = onnx.load(str(src / "model.onnx"))
         q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, accuracy_level=4)
         q.process()
-        q.model.save_model_to_file(str(dst / "model_quantized.onnx"), use_external_data_format=False)
+        q.model.save_model_to_file(str(dst / "model_quantized.onnx"), use_external_data_format=True)
     else:
         raise SystemExit(f"unknown quant {quant}")
-    for f in dst.glob("model.onnx*"):  # keep only the quantized graph: the size compared is the one run
-        f.unlink()
 
 
 # ---- onnxruntime-genai model builder ----
@@ -141,7 +150,8 @@ def _drop_skipped_kv(out: Path, skipped: set[int]) -> None:
 # ---- llama.cpp GGUF ----
 
 
-def gguf(ckpt: str, out: str, qtype: str, skip: str = "", converter_dir: str = "") -> None:
+def gguf_f16(ckpt: str, out: str, skip: str = "", converter_dir: str = "") -> None:
+    """Checkpoint → f16 GGUF with llama.cpp's converter (as DeciLM when layers are skipped)."""
     src = Path(ckpt)
     dst = Path(out)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -172,18 +182,19 @@ def gguf(ckpt: str, out: str, qtype: str, skip: str = "", converter_dir: str = "
         deci.DeciModel._ffn_mult_to_intermediate_size = staticmethod(lambda mult, n_embd: inter)
         # DeciLM reads the vocabulary as a HF Llama tokenizer; the sentencepiece path pads it to vocab_size.
         deci.DeciModel.set_vocab = lambda self: self._set_vocab_sentencepiece()
-    f16 = dst.with_name(dst.name + ".f16.gguf")
-    sys.argv = ["convert_hf_to_gguf.py", str(stage), "--outtype", "f16", "--outfile", str(f16)]
+    sys.argv = ["convert_hf_to_gguf.py", str(stage), "--outtype", "f16", "--outfile", str(dst)]
     conv.main()
     shutil.rmtree(stage, ignore_errors=True)
 
+
+def gguf_quant(f16: str, out: str, qtype: str) -> None:
+    """f16 GGUF → Q8_0/Q4_0 with llama.cpp's own quantizer (llama_model_quantize, as llama-quantize does)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[qtype]
     params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), params)
-    f16.unlink()
+    rc = llama_cpp.llama_model_quantize(f16.encode(), out.encode(), params)
     if rc != 0:
         raise SystemExit(f"llama_model_quantize failed: {rc}")
 
@@ -222,4 +233,10 @@ def _decilm_stage(src: Path, stage: Path, cfg: dict, skipped: set[int]) -> None:
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"optimum": optimum, "genai": genai, "gguf": gguf}[cmd](*args)
+    {
+        "optimum-export": optimum_export,
+        "optimum-quant": optimum_quant,
+        "genai": genai,
+        "gguf-f16": gguf_f16,
+        "gguf-quant": gguf_quant,
+    }[cmd](*args)
