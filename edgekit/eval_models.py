@@ -199,7 +199,9 @@ def open_checkpoint_scorer(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     threads: int | None = None,
+    streaming: bool | None = None,
 ) -> TorchScorer:
+    """streaming: hold one layer at a time (see eval_streaming); None: when fp32 would not fit in memory."""
     # Lazy: export imports the quality gate, which imports this module.
     from edgekit.export import ExportRequest, choose_skip
     from edgekit.load import load_torch_model, open_checkpoint
@@ -210,6 +212,10 @@ def open_checkpoint_scorer(
     resolved = resolve_model(model, allow_download=allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, trust_remote_code, allow_pickle)
     skipset = choose_skip(ExportRequest(model=model, skip=skip, skip_layers=skip_layers), ckpt)
+    from edgekit.eval_streaming import should_stream, streaming_scorer
+
+    if streaming or (streaming is None and should_stream(ckpt)):
+        return streaming_scorer(ckpt, skipset, resolved.source_id)
     torch_model = apply_skip(load_torch_model(ckpt), skipset)
     return open_folder_scorer(ckpt.path, ckpt, torch_model, resolved.source_id, list(skipset.skipped))
 
@@ -223,10 +229,13 @@ def open_scorer(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     threads: int | None = None,
+    streaming: bool | None = None,
 ) -> Scorer:
     """A bundle folder (has edgekit.json) or anything `export` accepts as MODEL."""
     if is_bundle(target):
         if skip is not None or skip_layers is not None:
             raise EdgekitError(f"{target} is a bundle: its skip set was fixed at export; drop --skip/--skip-layers")
         return open_bundle_scorer(target, check_integrity, threads=threads)
-    return open_checkpoint_scorer(target, skip, skip_layers, allow_download, trust_remote_code, allow_pickle, threads)
+    return open_checkpoint_scorer(
+        target, skip, skip_layers, allow_download, trust_remote_code, allow_pickle, threads, streaming
+    )

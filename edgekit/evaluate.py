@@ -14,6 +14,7 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 from edgekit.eval_models import Scorer, open_scorer
+from edgekit.eval_streaming import run_streamed
 from edgekit.eval_tasks import TaskResult, score_task
 from edgekit.perplexity import DOC_SEPARATOR, PerplexityResult, scored_windows, split_documents, summarize
 
@@ -33,6 +34,7 @@ class EvalRequest:
     max_tokens: int | None = None  # tokens of the text, over all documents
     check_integrity: bool = True
     threads: int | None = None  # intra-op threads for onnxruntime and torch [default: theirs]
+    streaming: bool | None = None  # checkpoints one layer at a time; None: when fp32 does not fit in memory
     allow_download: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -184,6 +186,7 @@ def evaluate(req: EvalRequest) -> EvalResult:
         "trust_remote_code": req.trust_remote_code,
         "allow_pickle": req.allow_pickle,
         "threads": req.threads,
+        "streaming": req.streaming,
     }
     scorer = open_scorer(req.target, req.skip, req.skip_layers, **opts)
     result = EvalResult(model=scorer.describe())
@@ -201,13 +204,17 @@ def evaluate(req: EvalRequest) -> EvalResult:
             reference = open_scorer(req.reference, **opts)
             _check_tokenizers(scorer, reference, text)
             result.reference_model = reference.describe()
-            result.perplexity, result.agreement = eval_agreement(scorer, reference, docs, window, stride, req.progress)
+            result.perplexity, result.agreement = run_streamed(
+                [scorer, reference], lambda: eval_agreement(scorer, reference, docs, window, stride, req.progress)
+            )
         else:
-            result.perplexity = eval_perplexity(scorer, docs, window, stride, req.progress)
+            result.perplexity = run_streamed(
+                [scorer], lambda: eval_perplexity(scorer, docs, window, stride, req.progress)
+            )
     for path in req.tasks:
         n = req.limit or sum(1 for line in path.open(encoding="utf-8", errors="replace") if line.strip())
         with _bar(n, path.stem, req.progress, unit="question") as bar:
-            result.tasks.append(score_task(scorer, path, req.limit, bar.update))
+            result.tasks.append(run_streamed([scorer], lambda: score_task(scorer, path, req.limit, bar.update)))  # noqa: B023
     return result
 
 

@@ -291,3 +291,15 @@ def test_quality_gate_streaming_reference_matches_full(bundle_factory, stories_p
     assert streamed.ppl_reference == pytest.approx(full.ppl_reference, rel=1e-5)
     assert streamed.ppl_bundle == full.ppl_bundle and streamed.tokens == full.tokens
     assert not full.passed and full.increase > 0.05  # two attention sublayers cost more than 5% here
+
+
+def test_streamed_checkpoint_matches_loaded(valid_text, corpora, tmp_path):
+    """A checkpoint too big for memory is evaluated one layer at a time; forced here on stories260K."""
+    task = tinystories_choice_task(corpora, tmp_path / "mc.jsonl", n=8)
+    common = {"text": valid_text, "separator": "\n", "limit": 2, "tasks": [task], "threads": 1}
+    loaded = evaluate(EvalRequest("stories260k", skip=1, streaming=False, **common))
+    streamed = evaluate(EvalRequest("stories260k", skip=1, streaming=True, reference="stories260k", **common))
+    assert streamed.model["quant"] == "fp32 (streamed)"
+    assert streamed.perplexity.perplexity == pytest.approx(loaded.perplexity.perplexity, rel=1e-5)
+    assert streamed.tasks[0].to_dict() == loaded.tasks[0].to_dict() and streamed.tasks[0].examples == 2
+    assert 0.5 < streamed.agreement.top1_agreement < 1.0  # skip 1 vs the full model, both streamed

@@ -44,6 +44,11 @@ def _task_paths(tasks: str | None) -> list[Path]:
 )
 @click.option("--skip-layers", metavar="LIST", help="Checkpoint only: remove attention from these layers.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads [default: all cores].")
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Checkpoints: hold one layer in memory at a time [default: when fp32 would not fit].",
+)
 @click.option("--no-integrity-check", is_flag=True, help="Use bundles whose files do not match their manifest.")
 @click.option("--allow-download", is_flag=True, help="Download the model from the Hugging Face hub if needed.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (never by default).")
@@ -62,6 +67,7 @@ def command(
     skip: str | None,
     skip_layers: str | None,
     threads: int | None,
+    stream: bool | None,
     no_integrity_check: bool,
     allow_download: bool,
     trust_remote_code: bool,
@@ -95,6 +101,7 @@ def command(
         max_tokens=max_tokens,
         check_integrity=not no_integrity_check,
         threads=threads,
+        streaming=stream,
         allow_download=allow_download,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
