@@ -185,7 +185,11 @@ def _commit(tmp: Path, target: Path, force: bool) -> None:
             raise EdgekitError(f"output {target} appeared during the export; pass --force to replace it")
         old = target.parent / f".{target.name}{TMP_MARK}{os.getpid()}-old"
         target.rename(old)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except BaseException:  # Ctrl-C or an error between the two renames: put the previous bundle back
+            old.rename(target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(target)

@@ -277,3 +277,24 @@ def test_benign_pickle_loads_with_the_flag_through_the_weights_only_loader(tmp_p
     ckpt = open_checkpoint(tmp_path / "m", "m", allow_pickle=True)
     name = "model.layers.0.mlp.up_proj.weight"
     assert (ckpt.weights.get(name) == state[name].numpy()).all()
+
+
+def test_force_keeps_the_previous_bundle_when_the_swap_is_interrupted(tmp_path, monkeypatch):
+    from edgekit.bundle import bundle_writer
+
+    target = tmp_path / "b"
+    target.mkdir()
+    (target / "edgekit.json").write_text("{}")
+    (target / "model.onnx").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, dst):  # Ctrl-C lands between "move the old bundle aside" and "move the new one in"
+        if TMP_MARK in self.name and not self.name.endswith("-old"):
+            raise KeyboardInterrupt
+        return real_rename(self, dst)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt), bundle_writer(target, force=True) as tmp:
+        (tmp / "model.onnx").write_text("new")
+    assert (target / "model.onnx").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
