@@ -144,6 +144,11 @@ def split_tokens(scorer: Any, context: str, continuation: str) -> tuple[list[int
 def loglikelihood(scorer: Any, context: str, continuation: str) -> tuple[float, bool]:
     """log P(continuation | context) and whether greedy decoding would produce exactly it."""
     ctx, cont = split_tokens(scorer, context, continuation)
+    if not ctx:  # a tokenizer without BOS and an empty context: condition on BOS/EOS as lm-eval does
+        prefix = scorer.bos_token_id if scorer.bos_token_id is not None else (scorer.eos_token_ids or (None,))[0]
+        if prefix is None:
+            raise EdgekitError("an empty context needs a BOS or EOS token to condition on; this model has neither")
+        ctx = [prefix]
     if not cont:
         raise EdgekitError(f"continuation {continuation!r} has no tokens to score")
     ids = (ctx + cont)[-(scorer.max_context + 1) :]  # keep the continuation, drop the oldest context
