@@ -68,6 +68,11 @@ class EdgekitLM(LM):
         for req in requests:
             (text,) = req.args
             ids = self.scorer.encode(text)  # BOS first: the first real token is scored too
+            prefix = self.scorer.bos_token_id if self.scorer.bos_token_id is not None else None
+            if prefix is None and self.scorer.eos_token_ids:
+                prefix = self.scorer.eos_token_ids[0]  # lm-eval's convention for tokenizers without BOS
+            if prefix is not None and (not ids or ids[0] != prefix):
+                ids = [prefix, *ids]
             total = -float(token_nlls(self.scorer.logits, ids, window, max(1, window // 2)).sum())
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
             out.append(total)
