@@ -303,3 +303,13 @@ def test_streamed_checkpoint_matches_loaded(valid_text, corpora, tmp_path):
     assert streamed.perplexity.perplexity == pytest.approx(loaded.perplexity.perplexity, rel=1e-5)
     assert streamed.tasks[0].to_dict() == loaded.tasks[0].to_dict() and streamed.tasks[0].examples == 2
     assert 0.5 < streamed.agreement.top1_agreement < 1.0  # skip 1 vs the full model, both streamed
+
+
+def test_limit_and_max_tokens_cut_the_text(bundle_factory, corpora):
+    bundle = str(bundle_factory(skip=2, quant="int4"))
+    shakespeare = corpora / "tinyshakespeare.txt"  # no separator inside: one long document, cut to the budget
+    r = evaluate(EvalRequest(bundle, text=shakespeare, max_tokens=700, window=256))
+    assert r.text.documents == 1 and r.text.tokens == 700 and r.perplexity.tokens == 699
+    assert r.perplexity.perplexity > 20  # out of domain for a TinyStories model
+    r = evaluate(EvalRequest(bundle, text=shakespeare, separator="\n\n", limit=3))
+    assert r.text.documents == 3 and r.perplexity.documents == 3
