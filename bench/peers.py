@@ -14,6 +14,7 @@ run and reports each decode as a fraction of its roofline (bytes read per token 
     python bench/peers.py --models tinyllama-1.1b --rounds 5
     python bench/peers.py --build-only           # venvs, llama.cpp wheel and every model file; no timing
     python bench/peers.py --report-only          # redo table and plot from bench/work/peers/results.json
+    python bench/peers.py --only llama.cpp --merge   # time some contenders again, keep the others' numbers
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings: time only matching contenders")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="keep contenders of an earlier run not timed in this one")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per timed child process")
     ap.add_argument("--out", type=Path, default=WORK / "results.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "peers.png")
@@ -195,6 +197,9 @@ def main() -> None:
         "versions": peers_report.versions(),
     }
     peers_report.add_roofline(results)
+    results["runs"] = [{k: results[k] for k in ("command", "machine", "bandwidth")}]
+    if args.merge and args.out.is_file():
+        results = peers_report.merge(json.loads(args.out.read_text()), results)
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(peers_report.markdown(results))
     peers_report.plot(results, args.plot)

@@ -23,6 +23,16 @@ import numpy as np
 
 
 def _peak_rss() -> int:
+    """This process's own peak: VmHWM starts afresh at exec, whereas ru_maxrss keeps the parent's peak
+    from before the fork (bench/peers.py holds a 1 GiB buffer while measuring bandwidth)."""
+    try:
+        with open("/proc/self/status") as f:
+            status = f.read().splitlines()
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

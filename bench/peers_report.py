@@ -105,6 +105,7 @@ def add_roofline(results: dict[str, Any]) -> None:
             p = Path(c["path"])
             total, embed = _gguf_bytes(p) if p.suffix == ".gguf" else _onnx_bytes(p, c.get("file_name"))
             kv = _kv_bytes_per_token(c, cfg)
+            c["roofline_gbs"] = bw / 1e9
             c["weights_read_bytes"] = total - embed
             c["kv_bytes_per_token"] = kv
             c["summary"] = _summary(c, m["prompt_lens"], results["settings"])
@@ -134,27 +135,48 @@ def _summary(c: dict[str, Any], lens: list[int], settings: dict[str, Any]) -> li
     return out
 
 
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new`'s contenders replace `old`'s of the same name; the others stay, and both runs are listed."""
+    out = dict(new)
+    out["runs"] = old.get("runs", []) + new["runs"]
+    models = {k: dict(v) for k, v in old["models"].items()}
+    for model, m in new["models"].items():
+        timed = {c["name"]: c for c in m["contenders"] if c["build"].get("runs") or c.get("error")}
+        kept = [timed.pop(c["name"], c) for c in models.get(model, {"contenders": []})["contenders"]]
+        models[model] = {"prompt_lens": m["prompt_lens"], "contenders": kept + list(timed.values())}
+    out["models"] = models
+    return out
+
+
 # ---- the table ----
 
 
 def _mb(n: float | None) -> str:
-    return "–" if n is None else f"{n / 1e6:,.0f}"
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f}" if n < 10e6 else f"{n / 1e6:,.0f}"
 
 
 def markdown(results: dict[str, Any]) -> str:
-    bw = results["bandwidth"]
+    st = results["settings"]
+    machine = results["machine"]
     lines = [
-        f"Machine: {results['machine']['cpu']}, {results['machine']['logical_cpus']} logical CPUs; "
-        f"{results['settings']['threads']} threads for every contender; {results['settings']['rounds']} interleaved "
-        f"rounds (median); load average before/after: "
-        f"{', '.join(f'{x:.1f}' for x in results['machine']['load_average_before'])} / "
-        f"{', '.join(f'{x:.1f}' for x in results['machine']['load_average_after'])}. "
-        f"Read bandwidth ({results['settings']['threads']} threads; numpy / C): "
-        f"{bw['before']['numpy_gbs']:.1f} / {bw['before']['c_gbs'] or 0:.1f} GB/s before, "
-        f"{bw['after']['numpy_gbs']:.1f} / {bw['after']['c_gbs'] or 0:.1f} GB/s after; roofline uses "
-        f"{bw.get('used_gbs', 0):.1f} GB/s.",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs; {st['threads']} threads for every "
+        f"contender; {st['rounds']} interleaved rounds (median of the per-run medians); {st['warmup']} warm-up + "
+        f"{st['gen_len']} timed greedy decode steps per prompt length.",
         "",
     ]
+    for k, run in enumerate(results.get("runs") or [results], 1):
+        bw, m = run["bandwidth"], run["machine"]
+        lines.append(
+            f"- run {k}: `{run['command']}`; load average (1/5/15 min) before "
+            f"{' / '.join(f'{x:.1f}' for x in m['load_average_before'])}, after "
+            f"{' / '.join(f'{x:.1f}' for x in m['load_average_after'])}; read bandwidth ({st['threads']} threads, "
+            f"numpy / C) {bw['before']['numpy_gbs']:.1f} / {bw['before']['c_gbs'] or 0:.1f} GB/s before, "
+            f"{bw['after']['numpy_gbs']:.1f} / {bw['after']['c_gbs'] or 0:.1f} GB/s after; roofline at "
+            f"{bw.get('used_gbs', 0):.1f} GB/s"
+        )
+    lines.append("")
     for model, m in results["models"].items():
         lens = m["prompt_lens"]
         short, mid, long = lens[0], lens[1], lens[-1]
