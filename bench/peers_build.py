@@ -169,8 +169,9 @@ def build(c: Contender, ckpt: Path) -> Contender:
             cmd += (["--skip-layers", skip] if skip else []) + c.args
         elif c.tool == "optimum":
             ensure_venv("optimum")
-            first = _cached_step(out.parent / "optimum-export", c.model, "optimum", ["optimum-export", ckpt])
-            cmd = [venv_python("optimum"), TOOLS, "optimum-quant", out.parent / "optimum-export", out, c.quant]
+            export = out.parent / "optimum-export"
+            first = _cached_step(export, c.model, "optimum", ["optimum-export", ckpt, export])
+            cmd = [venv_python("optimum"), TOOLS, "optimum-quant", export, out, c.quant]
         elif c.tool == "genai":
             ensure_venv("genai")
             cmd = [venv_python("genai"), TOOLS, "genai", ckpt, out, c.quant, skip]
