@@ -230,6 +230,29 @@ def _expected_shapes(spec: ModelSpec, family: Family) -> Iterator[tuple[str, tup
         yield n.down.format(**f), (spec.hidden, spec.intermediate)
 
 
+_SPEC_FIELDS = {  # ModelSpec field → the config.json key a user would look for; (minimum)
+    "num_layers": ("num_hidden_layers", 1),
+    "hidden": ("hidden_size", 1),
+    "intermediate": ("intermediate_size", 1),
+    "heads": ("num_attention_heads", 1),
+    "kv_heads": ("num_key_value_heads", 1),
+    "head_dim": ("head_dim", 1),
+    "vocab": ("vocab_size", 1),
+    "max_context": ("max_position_embeddings", 2),
+}
+
+
+def _check_spec(spec: ModelSpec) -> ModelSpec:
+    """A stranger's config can say anything; sizes must be whole numbers in range before any arithmetic."""
+    for name, (key, minimum) in _SPEC_FIELDS.items():
+        v = getattr(spec, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise EdgekitError(f"config.json: {key} must be a whole number of at least {minimum}, not {v!r:.40}")
+    if spec.heads % spec.kv_heads:
+        raise EdgekitError(f"config.json: {spec.heads} attention heads do not divide into {spec.kv_heads} KV heads")
+    return spec
+
+
 def _check_shapes(weights: WeightSource, spec: ModelSpec, family: Family) -> None:
     for name, shape in _expected_shapes(spec, family):
         if name not in weights:
@@ -246,7 +269,7 @@ def open_checkpoint(
     config, config_sha = _read_config(path, trust_remote_code)
     family = family_for(config)
     check_supported(config, family)
-    spec = ModelSpec.from_config(config, family)
+    spec = _check_spec(ModelSpec.from_config(config, family))
     files = _weight_files(path, allow_pickle)
     weights = WeightSource(files, pickle_ok=allow_pickle)
     _check_shapes(weights, spec, family)

@@ -90,6 +90,7 @@ ROWS: list[Row] = [
     Row("config-not-an-object", (*EXPORT, "{m}/config-list"), r"JSON object"),
     Row("config-bad-values", (*EXPORT, "{m}/config-zero-heads"), r"config|heads"),
     Row("config-absurd-layer-count", (*EXPORT, "{m}/config-1e9-layers"), r"missing from the checkpoint"),
+    Row("config-zero-layers", (*EXPORT, "{m}/config-0-layers"), r"num_hidden_layers must be a whole number"),
     Row("config-without-weights", (*EXPORT, "{m}/no-weights"), r"no weights"),
     Row("safetensors-truncated", (*EXPORT, "{m}/truncated"), r"cannot read weights model\.safetensors"),
     Row("safetensors-corrupt-header", (*EXPORT, "{m}/corrupt-header"), r"cannot read weights model\.safetensors"),
@@ -299,6 +300,7 @@ def _build_broken_models(root: Path) -> None:
     (_checkpoint(root, "config-list") / "config.json").write_text("[1, 2]")
     _checkpoint(root, "config-zero-heads", {"num_attention_heads": 0, "num_key_value_heads": 0})
     _checkpoint(root, "config-1e9-layers", {"num_hidden_layers": 10**9})
+    _checkpoint(root, "config-0-layers", {"num_hidden_layers": 0})
     _checkpoint(root, "no-weights", weights=False)
     for name, cut in [
         ("truncated", lambda b: b[: len(b) // 2]),

@@ -161,3 +161,36 @@ def test_manifest_bytes_are_read_or_refused(tmp_path_factory, raw):
 def test_a_real_manifest_is_accepted(real_manifest, tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps(real_manifest))
     assert read_bundle(Path(tmp_path)).manifest == real_manifest
+
+
+# --- checkpoint configs ---
+
+CONFIG = json.loads((Path(__file__).resolve().parents[1] / "edgekit/data/stories260k/config.json").read_text())
+SIZES = st.one_of(st.integers(min_value=-2, max_value=10**12), st.none(), st.text(max_size=5), st.floats(), JSON)
+
+
+@st.composite
+def mutated_config(draw):
+    c = dict(CONFIG)
+    for key in draw(st.lists(st.sampled_from(sorted(CONFIG)), min_size=1, max_size=3, unique=True)):
+        if draw(st.booleans()):
+            c[key] = draw(SIZES)
+        else:
+            del c[key]
+    return c
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=mutated_config())
+def test_untrusted_config_opens_or_says_why(tmp_path_factory, stories_path, config):
+    """config.json comes from a stranger: any values give a checkpoint or an EdgekitError."""
+    from edgekit.load import open_checkpoint
+
+    folder = tmp_path_factory.mktemp("cfg")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").symlink_to(stories_path / "model.safetensors")
+    try:
+        ckpt = open_checkpoint(folder, "fuzz")
+    except EdgekitError:
+        return
+    assert ckpt.spec.num_layers >= 1
