@@ -5,7 +5,10 @@ A real 1,024-token prefill of a 7B model takes minutes on 2 cores and says nothi
 each timed step decodes one token against a KV cache of exactly CONTEXT positions (random values:
 the cost does not depend on them), with onnxruntime IO binding so inputs are bound once. Bundles are
 measured A B A B (fresh session each time, one at a time: a 7B session holds several GB), and the
-ratio is taken per adjacent pair, which cancels most of the drift of a shared machine.
+ratio is taken per adjacent pair, which cancels most of the drift of a shared machine. Besides wall
+time it records process CPU time per step (pool threads do not spin): on a machine whose other
+users keep the load far above the core count, wall time mostly measures the scheduler, while CPU time
+(best with --threads 1) still measures the work.
 
 Predicted time ∝ bytes read per token: every MatMul weight with its scales and zero points (the
 embedding table is only gathered, one row) + the KV cache read at that context (K and V, every kept
@@ -49,6 +52,8 @@ def weight_bytes(model_path: Path) -> dict[str, int]:
 def time_decode(model_path: Path, contexts: list[int], steps: int, warmup: int, threads: int) -> dict:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # Idle pool threads must not spin: on a shared machine spinning burns the CPU time we measure.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     t = time.perf_counter()
     sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - t
@@ -64,13 +69,19 @@ def time_decode(model_path: Path, contexts: list[int], steps: int, warmup: int, 
             binding.bind_ortvalue_input(p.name, ort.OrtValue.ortvalue_from_numpy(kv))
         for o in sess.get_outputs():
             binding.bind_output(o.name)
-        times = []
+        times, cpu = [], []
         for k in range(warmup + steps):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             sess.run_with_iobinding(binding)
             if k >= warmup:
                 times.append(time.perf_counter() - t)
-        out[str(ctx)] = {"median_ms": round(1000 * statistics.median(times), 1), "ms": [round(1000 * x) for x in times]}
+                cpu.append(time.process_time() - c)
+        out[str(ctx)] = {
+            "median_ms": round(1000 * statistics.median(times), 1),
+            "median_cpu_ms": round(1000 * statistics.median(cpu), 1),
+            "ms": [round(1000 * x) for x in times],
+            "cpu_ms": [round(1000 * x) for x in cpu],
+        }
         del binding
     del sess
     gc.collect()
@@ -107,7 +118,9 @@ def main() -> None:
     result: dict = {"threads": args.threads, "loadavg": os.getloadavg(), "contexts": {}}
     for ctx in contexts:
         c = str(ctx)
-        ratios = [s[c]["median_ms"] / b[c]["median_ms"] for b, s in zip(runs["base"], runs["skipped"], strict=True)]
+        pairs = list(zip(runs["base"], runs["skipped"], strict=True))
+        ratios = [s[c]["median_ms"] / b[c]["median_ms"] for b, s in pairs]
+        cpu_ratios = [s[c]["median_cpu_ms"] / b[c]["median_cpu_ms"] for b, s in pairs]
         read = {
             k: weight_bytes(b / "model.onnx")["weights_read"] + kv_bytes(b / "model.onnx", ctx)
             for k, b in bundles.items()
@@ -116,6 +129,9 @@ def main() -> None:
             "base_ms": statistics.median(r[c]["median_ms"] for r in runs["base"]),
             "skipped_ms": statistics.median(r[c]["median_ms"] for r in runs["skipped"]),
             "measured_time_ratio": round(statistics.median(ratios), 3),
+            "base_cpu_ms": statistics.median(r[c]["median_cpu_ms"] for r in runs["base"]),
+            "skipped_cpu_ms": statistics.median(r[c]["median_cpu_ms"] for r in runs["skipped"]),
+            "measured_cpu_time_ratio": round(statistics.median(cpu_ratios), 3),
             "base_bytes_per_token": read["base"],
             "skipped_bytes_per_token": read["skipped"],
             "predicted_time_ratio": round(read["skipped"] / read["base"], 3),
