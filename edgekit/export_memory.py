@@ -11,6 +11,8 @@ were measured on this repository's 7B-shaped benchmark (BENCHMARKS.md, "7B on a 
     --max-memory 8GB   the export refuses to start when even its build step cannot fit, picks the
                        streaming check when the full one cannot, and stops (writing nothing) if the
                        measured RSS ever passes the budget
+    (no option)        the method is picked against 80% of the RAM available at the start; only
+                       what the machine's total RAM cannot hold is refused
 """
 
 from __future__ import annotations
@@ -109,9 +111,14 @@ def plan_export_memory(
     if max_memory is None:
         import psutil
 
-        budget, source = int(AUTO_FRACTION * psutil.virtual_memory().available), "auto (80% of available RAM)"
+        # Free memory on a shared machine comes and goes: it picks the verification method, but only what
+        # cannot fit in the machine's RAM at all is refused.
+        vm = psutil.virtual_memory()
+        budget, limit = int(AUTO_FRACTION * vm.available), vm.total
+        source, limit_source = "auto (80% of available RAM)", "this machine's RAM"
     else:
-        budget, source = max_memory, "--max-memory"
+        budget = limit = max_memory
+        source = limit_source = "--max-memory"
     name, elems = _largest_matrix(spec, skip)
     copies = QUANT_COPIES if quant.bits else FLOAT_COPIES
     tied = 4 * spec.vocab * spec.hidden if spec.tie_embeddings else 0  # the table waits for lm_head
@@ -121,9 +128,9 @@ def plan_export_memory(
     # Streaming holds one layer (plus its fp16 source pages) or a vocab table, after the session is gone.
     streaming = max(session, BASE_BYTES + int(1.5 * max(_layer_fp32_bytes(spec), 4 * spec.vocab * spec.hidden)))
 
-    if build > budget:
+    if build > limit:
         raise EdgekitError(
-            f"{source} {_gb(budget)} cannot hold even one layer's working set: writing the graph needs about "
+            f"{limit_source} {_gb(limit)} cannot hold even one layer's working set: writing the graph needs about "
             f"{_gb(build)} (the {name} matrix in fp32 and the quantizer's copies of it, plus the runtime)"
         )
     chosen = "none"
@@ -133,10 +140,10 @@ def plan_export_memory(
         else:
             chosen = method
         need = full if chosen == "full" else streaming
-        if need > budget:
+        if need > limit:
             hint = "" if chosen == "streaming" else "; --verify-method streaming needs about " + _gb(streaming)
             raise EdgekitError(
-                f"{source} {_gb(budget)} cannot hold the {chosen} verification (about {_gb(need)}: an onnxruntime "
+                f"{limit_source} {_gb(limit)} cannot hold the {chosen} verification (about {_gb(need)}: an onnxruntime "
                 f"session over the bundle{' and the fp32 PyTorch model' if chosen == 'full' else ''}){hint}; "
                 "raise the budget or pass --no-verify"
             )
