@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# The bar is set on the 1.1B shape; stories260K fits in cache, so its "roofline" means nothing.
+GOAL_MODELS = ("tinyllama-1.1b",)
 
 
 def cpu_name() -> str:
@@ -204,7 +206,7 @@ def markdown(results: dict[str, Any]) -> str:
             )
         if failed:
             lines += ["", "Not in the table:", *failed]
-        lines += ["", *goal_lines(m), ""]
+        lines += ["", *(goal_lines(m) if model in GOAL_MODELS else []), ""]
     return "\n".join(lines)
 
 
