@@ -248,11 +248,19 @@ def _run_child(bundle: Bundle, req: ProfileRequest) -> dict[str, Any]:
 
 
 def _peak_rss_bytes() -> int:
+    # Linux: VmHWM is this process's own high-water mark. ru_maxrss is not: a child started by fork+exec
+    # inherits its parent's maximum, so a profile run from a big parent (pytest, a sweep) over-reports.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
     except ImportError:  # Windows: psutil reports the peak working set
         import psutil
 
