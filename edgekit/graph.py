@@ -326,28 +326,43 @@ def build_decoder(
     finally:
         sink.close()
 
-    kv_shape_in = ["batch_size", spec.kv_heads, "past_sequence_length", hd]
-    kv_shape_out = ["batch_size", spec.kv_heads, "total_sequence_length", hd]
+    opsets = [("", OPSET), (MS_DOMAIN, 1)]
+    return contract, write_model(g.nodes, sink, contract, spec.vocab, fdt, model_path, "edgekit_decoder", opsets)
+
+
+def write_model(
+    nodes: list[onnx.NodeProto],
+    sink: TensorSink,
+    contract: GraphContract,
+    vocab: int,
+    kv_elem_type: int,
+    model_path: Path,
+    graph_name: str,
+    opsets: list[tuple[str, int]],
+    initializers: list[TensorProto] | None = None,
+) -> str | None:
+    """Wrap a flavour's nodes in the contract's inputs/outputs and save; every flavour ends here."""
+    kv_in = ["batch_size", contract.kv_heads, "past_sequence_length", contract.head_dim]
+    kv_out = ["batch_size", contract.kv_heads, "total_sequence_length", contract.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
     ]
-    outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", spec.vocab])
-    ]
-    for j in range(len(skip.kept)):
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
+    for j in range(len(contract.kept_layers)):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{j}.{kind}", fdt, kv_shape_in))
-            outputs.append(helper.make_tensor_value_info(f"present.{j}.{kind}", fdt, kv_shape_out))
-
-    graph = helper.make_graph(g.nodes, "edgekit_decoder", inputs, outputs, initializer=sink.tensors)
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{j}.{kind}", kv_elem_type, kv_in))
+            outputs.append(helper.make_tensor_value_info(f"present.{j}.{kind}", kv_elem_type, kv_out))
+    graph = helper.make_graph(
+        nodes, graph_name, inputs, outputs, initializer=sink.tensors if initializers is None else initializers
+    )
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        opset_imports=[helper.make_opsetid(domain, version) for domain, version in opsets],
         producer_name="edgekit",
         ir_version=IR_VERSION,
     )
-    return contract, _save(model, model_path, sink)
+    return _save(model, model_path, sink)
 
 
 def _save(model: onnx.ModelProto, model_path: Path, sink: TensorSink) -> str | None:

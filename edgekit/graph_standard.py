@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.errors import EdgekitError
-from edgekit.graph import INLINE_LIMIT, IR_VERSION, OPSET, GraphContract, GraphWriter, TensorSink
+from edgekit.graph import OPSET, GraphContract, GraphWriter, TensorSink, write_model
 from edgekit.load import Checkpoint, rotary_tables
 from edgekit.quantize import QuantConfig
 from edgekit.skipset import SkipSet
@@ -252,24 +252,17 @@ def build_standard_decoder(
     finally:
         sink.close()
 
-    kv_in = ["batch_size", spec.kv_heads, "past_sequence_length", hd]
-    kv_out = ["batch_size", spec.kv_heads, "total_sequence_length", hd]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", spec.vocab])
-    ]
-    for j in range(len(skip.kept)):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{j}.{kind}", fdt, kv_in))
-            outputs.append(helper.make_tensor_value_info(f"present.{j}.{kind}", fdt, kv_out))
-    graph = helper.make_graph(g.nodes, "edgekit_decoder_standard", inputs, outputs, initializer=_dedupe(sink.tensors))
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgekit", ir_version=IR_VERSION
+    return contract, write_model(
+        g.nodes,
+        sink,
+        contract,
+        spec.vocab,
+        fdt,
+        model_path,
+        "edgekit_decoder_standard",
+        [("", OPSET)],
+        initializers=_dedupe(sink.tensors),
     )
-    return contract, _save(model, model_path, sink)
 
 
 def _dedupe(tensors: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
@@ -278,13 +271,3 @@ def _dedupe(tensors: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
     for t in tensors:
         seen.setdefault(t.name, t)
     return list(seen.values())
-
-
-def _save(model: onnx.ModelProto, model_path: Path, sink: TensorSink) -> str | None:
-    if sink.external_bytes < INLINE_LIMIT:
-        onnx.load_external_data_for_model(model, str(model_path.parent))
-        sink.data_path.unlink()
-        onnx.save_model(model, model_path)
-        return None
-    onnx.save_model(model, model_path)
-    return sink.data_path.name
