@@ -22,9 +22,10 @@ install: $(PYTHON)  ## create .venv with a CPU build of torch and edgekit (edita
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[dev]'
 
-demo: install  ## export the embedded stories260K model (skip 2, int4), inspect it
+demo: install  ## export the embedded stories260K model (skip 2, int4), inspect it, generate a story
 	$(BIN)/edgekit export $(MODEL) --skip $(SKIP) --quant $(QUANT) -o $(OUT)/demo-$(MODEL)-skip$(SKIP)-$(QUANT) --force
 	$(BIN)/edgekit inspect $(OUT)/demo-$(MODEL)-skip$(SKIP)-$(QUANT)
+	$(BIN)/edgekit run $(OUT)/demo-$(MODEL)-skip$(SKIP)-$(QUANT) "Once upon a time" --max-new-tokens 48
 
 # Device targets (edgekit/data/recipes, also at recipes/): the recipe sets skip, quant, flavour, context,
 # memory budget and providers; SKIP, QUANT or CONTEXT given on the make command line override it.
