@@ -200,6 +200,7 @@ def open_checkpoint_scorer(
     allow_pickle: bool = False,
     threads: int | None = None,
     streaming: bool | None = None,
+    calib: Path | None = None,
 ) -> TorchScorer:
     """streaming: hold one layer at a time (see eval_streaming); None: when fp32 would not fit in memory."""
     # Lazy: export imports the quality gate, which imports this module.
@@ -211,7 +212,7 @@ def open_checkpoint_scorer(
     set_threads(threads)
     resolved = resolve_model(model, allow_download=allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, trust_remote_code, allow_pickle)
-    skipset = choose_skip(ExportRequest(model=model, skip=skip, skip_layers=skip_layers), ckpt)
+    skipset = choose_skip(ExportRequest(model=model, skip=skip, skip_layers=skip_layers, calib=calib), ckpt)
     from edgekit.eval_streaming import should_stream, streaming_scorer
 
     if streaming or (streaming is None and should_stream(ckpt)):
@@ -230,12 +231,15 @@ def open_scorer(
     allow_pickle: bool = False,
     threads: int | None = None,
     streaming: bool | None = None,
+    calib: Path | None = None,
 ) -> Scorer:
     """A bundle folder (has edgekit.json) or anything `export` accepts as MODEL."""
     if is_bundle(target):
-        if skip is not None or skip_layers is not None:
-            raise EdgekitError(f"{target} is a bundle: its skip set was fixed at export; drop --skip/--skip-layers")
+        if skip is not None or skip_layers is not None or calib is not None:
+            raise EdgekitError(
+                f"{target} is a bundle: its skip set was fixed at export; drop --skip/--skip-layers/--calib"
+            )
         return open_bundle_scorer(target, check_integrity, threads=threads)
     return open_checkpoint_scorer(
-        target, skip, skip_layers, allow_download, trust_remote_code, allow_pickle, threads, streaming
+        target, skip, skip_layers, allow_download, trust_remote_code, allow_pickle, threads, streaming, calib
     )

@@ -24,6 +24,7 @@ class EvalRequest:
     target: str  # bundle folder or MODEL
     skip: int | str | None = None
     skip_layers: str | None = None
+    calib: Path | None = None  # auto:N ranks layers on this text [default: shipped TinyStories sample]
     text: Path | None = None
     separator: str | None = DOC_SEPARATOR
     window: int | None = None  # default: min(model context, 1024)
@@ -187,6 +188,7 @@ def evaluate(req: EvalRequest) -> EvalResult:
         "allow_pickle": req.allow_pickle,
         "threads": req.threads,
         "streaming": req.streaming,
+        "calib": req.calib,
     }
     scorer = open_scorer(req.target, req.skip, req.skip_layers, **opts)
     result = EvalResult(model=scorer.describe())

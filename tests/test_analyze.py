@@ -170,3 +170,26 @@ def test_analyze_cli_json_plot_and_bad_n(tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("edgekit: error: --n 5") and "Traceback" not in err
+
+
+def test_eval_auto_skip_ranks_on_the_given_calibration_text(corpora, monkeypatch, tmp_path, bundle_factory):
+    import edgekit.analyze
+    from edgekit.errors import EdgekitError
+    from edgekit.evaluate import EvalRequest, evaluate
+
+    seen: list = []
+    real = edgekit.analyze.auto_skip
+
+    def spy(ckpt, n, calib=None, **kw):
+        seen.append(calib)
+        return real(ckpt, n, calib, token_budget=512)
+
+    monkeypatch.setattr(edgekit.analyze, "auto_skip", spy)
+    calib = corpora / "tinystories-valid-subset.txt"
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a cat. The cat liked to play in the sun.\n")
+    result = evaluate(EvalRequest(target="stories260k", skip="auto:1", calib=calib, text=text, threads=1))
+    assert seen == [calib]
+    assert len(result.model["skipped"]) == 1
+    with pytest.raises(EdgekitError, match="drop --skip/--skip-layers/--calib"):
+        evaluate(EvalRequest(target=str(bundle_factory(skip=0, quant="fp32")), calib=calib, text=text))

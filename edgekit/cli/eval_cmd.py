@@ -43,6 +43,11 @@ def _task_paths(tasks: str | None) -> list[Path]:
     help="Checkpoint only: remove the attention of the last N layers, or (auto:N) the N least important.",
 )
 @click.option("--skip-layers", metavar="LIST", help="Checkpoint only: remove attention from these layers.")
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="With --skip auto:N: the text that ranks the layers [default: shipped TinyStories sample].",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads [default: all cores].")
 @click.option(
     "--stream/--no-stream",
@@ -66,6 +71,7 @@ def command(
     max_tokens: int | None,
     skip: str | None,
     skip_layers: str | None,
+    calib: Path | None,
     threads: int | None,
     stream: bool | None,
     no_integrity_check: bool,
@@ -91,6 +97,7 @@ def command(
         target=model,
         skip=parse_skip_count(skip) if skip is not None else None,
         skip_layers=skip_layers,
+        calib=calib,
         text=text,
         separator=parse_separator(separator),
         window=window,
