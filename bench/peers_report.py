@@ -144,6 +144,8 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     models = {k: dict(v) for k, v in old["models"].items()}
     for model, m in new["models"].items():
         timed = {c["name"]: c for c in m["contenders"] if c["build"].get("runs") or c.get("error")}
+        for c in timed.values():
+            c["run"] = len(out["runs"])
         kept = [timed.pop(c["name"], c) for c in models.get(model, {"contenders": []})["contenders"]]
         models[model] = {"prompt_lens": m["prompt_lens"], "contenders": kept + list(timed.values())}
     out["models"] = models
@@ -185,10 +187,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"### {model}",
             "",
-            f"| contender | file MB | export s | export peak RSS MB | load s | peak RSS MB | prefill tok/s @{mid} "
+            f"| contender | run | file MB | export s | export peak RSS MB | load s | peak RSS MB "
+            f"| prefill tok/s @{mid} "
             f"| prefill tok/s @{long} | TTFT ms @{long} | decode ms @{short} | decode ms @{long} "
             f"| roofline @{short} | roofline @{long} |",
-            "|---|" + "---:|" * 12,
+            "|---|" + "---:|" * 13,
         ]
         failed = []
         for c in m["contenders"]:
@@ -198,7 +201,7 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             s = {x["prompt_len"]: x for x in c["summary"]}
             lines.append(
-                f"| {c['name']} | {_mb(b.get('file_bytes'))} | {b.get('export_s', 0):.0f} "
+                f"| {c['name']} | {c.get('run', 1)} | {_mb(b.get('file_bytes'))} | {b.get('export_s', 0):.0f} "
                 f"| {_mb(b.get('export_peak_rss_bytes'))} | {c['load_s']:.2f} | {_mb(c['peak_rss_bytes'])} "
                 f"| {s[mid]['prefill_tok_s']:,.0f} | {s[long]['prefill_tok_s']:,.0f} | {s[long]['ttft_ms']:,.0f} "
                 f"| {s[short]['decode_ms']:.2f} | {s[long]['decode_ms']:.2f} "
