@@ -18,56 +18,20 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from make_checkpoint import make_checkpoint  # bench/ is on sys.path when run as a script
+from peers_report import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "speed"
-TOKENIZER_SRC = ROOT / "edgekit" / "data" / "stories260k"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
-
-# TinyLlama/TinyLlama-1.1B-Chat-v1.0's shapes.
-TINYLLAMA = {
-    "num_hidden_layers": 22,
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "vocab_size": 32000,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 
 
 def build_checkpoint(out: Path) -> Path:
-    """Random-weight LlamaForCausalLM from the config (fp16 safetensors), cached by a marker file."""
-    if (out / ".complete").is_file():
-        return out
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    t = time.perf_counter()
-    torch.manual_seed(0)
-    config = LlamaConfig(**TINYLLAMA)
-    model = LlamaForCausalLM(config).to(torch.float16)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    del model
-    # stories260K's tokenizer: its ids (< 512) are valid for a 32000-token vocabulary, and the
-    # random weights make the text meaningless anyway; only the ids matter for speed.
-    for f in TOKENIZER_FILES:
-        shutil.copyfile(TOKENIZER_SRC / f, tmp / f)
-    (tmp / ".complete").write_text("tinyllama-1.1b random\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    print(f"checkpoint {out} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
-    return out
+    """TinyLlama-1.1B-shaped random checkpoint, made and cached by bench/make_checkpoint.py."""
+    return make_checkpoint("tinyllama-1.1b", out)
 
 
 def build_bundle(ckpt: Path, skip: int, quant: str) -> Path:
@@ -137,23 +101,13 @@ def main() -> None:
         results[q] = report.to_dict()
     meta = {
         "command": "python bench/speed.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {platform.processor() or '?'}, {_cpu_name()}",
+        "machine": f"{platform.machine()}, {platform.processor() or '?'}, {cpu_name()}",
         "threads": args.threads,
         "spin": args.spin,
         "load_average_at_end": list(os.getloadavg()),
     }
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"\nnumbers: {args.json}", file=sys.stderr)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 if __name__ == "__main__":
