@@ -16,6 +16,31 @@ SHARED = Path(os.environ.get("EDGEKIT_SHARED", ROOT.parent / "shared"))
 CORPORA = SHARED / "corpora"
 STORIES = ALIASES["stories260k"].embedded_path
 
+# A small random decoder with shapes stories260K lacks (untied lm_head, 4:1 GQA, head_dim 32 so no padding).
+SMALL_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    vocab_size=512,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    initializer_range=0.08,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def save_random_model(model, folder: Path) -> Path:
+    """save_pretrained plus stories260K's tokenizer (its ids fit the 512-word vocabulary)."""
+    import shutil
+
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copyfile(STORIES / name, folder / name)
+    return folder
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _offline() -> None:

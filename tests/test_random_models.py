@@ -1,34 +1,19 @@
 """Parity on random-weight models with shapes stories260K does not have: untied lm_head, 4:1 GQA,
 head_dim 32 (no padding), attention biases (Qwen2), sliding-window config (Mistral)."""
 
-import shutil
-
 import pytest
 import torch
+from conftest import SMALL_SHAPE, save_random_model
 
 from edgekit.bundle import read_bundle
 from edgekit.export import ExportRequest, export
 from edgekit.quantize import QuantConfig
 
-TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
 
 def _make(kind: str, folder, stories_path):
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        vocab_size=512,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.08,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = SMALL_SHAPE
     config = {
         "llama": lambda: LlamaConfig(**common, head_dim=32),
         "qwen2": lambda: Qwen2Config(**common),
@@ -41,10 +26,7 @@ def _make(kind: str, folder, stories_path):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    for name in TOKENIZER:
-        shutil.copyfile(stories_path / name, folder / name)
-    return folder
+    return save_random_model(model, folder)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])

@@ -11,12 +11,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import SMALL_SHAPE, save_random_model
 from onnx import numpy_helper
 
 from edgekit.errors import EdgekitError
@@ -31,7 +30,6 @@ from edgekit.surgery import apply_skip, full_logits
 from edgekit.verify import verify
 from edgekit.verify_streaming import StreamingModel, verify_streaming
 
-TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 PROMPT = [1, 403, 17, 250, 99, 3, 77, 412, 5, 8, 300]
 
 
@@ -41,25 +39,9 @@ def small_llama(tmp_path_factory, stories_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     folder = tmp_path_factory.mktemp("small-llama")
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=32,
-        vocab_size=512,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.08,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = LlamaConfig(**{**SMALL_SHAPE, "intermediate_size": 352, "num_key_value_heads": 4, "head_dim": 32})
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).half().save_pretrained(folder)
-    for name in TOKENIZER:
-        shutil.copyfile(stories_path / name, folder / name)
-    return folder
+    return save_random_model(AutoModelForCausalLM.from_config(config).half(), folder)
 
 
 def _in_memory_bundle(ckpt, skip: SkipSet, quant: QuantConfig, folder):
