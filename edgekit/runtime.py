@@ -35,6 +35,7 @@ from edgekit.providers import RuntimeOptions, create_session
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _CAPACITY_STEP = 256  # grow the KV buffers in these steps, so similar calls reuse them
+_KEEP_LAST, _KEEP_ALL = np.array([1], np.int64), np.array([0], np.int64)  # `logits_to_keep` values
 _DEVICE_BUFFERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 
 
@@ -66,6 +67,8 @@ class KVEngine:
         # Bound first so it is output 0: IO binding returns outputs in the order they were first bound.
         self._io.bind_ortvalue_output("logits", self._logits_value)
         self._mask = np.ones((1, 0), np.int64)
+        # Graphs with a `logits_to_keep` input (fused flavour) can skip lm_head for all but the last position.
+        self._can_keep_last = "logits_to_keep" in ins
         self.reserve(capacity)
 
     @property
@@ -100,9 +103,10 @@ class KVEngine:
         """Forget the sequence; the buffers stay (stale positions are never read: the mask bounds them)."""
         self.length = 0
 
-    def forward(self, ids: Sequence[int]) -> np.ndarray:
-        """Feed `ids` after what is cached; logits [len(ids), vocab]. For one token the result is a view of
-        a preallocated output buffer, overwritten by the next step: copy it to keep it."""
+    def forward(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        """Feed `ids` after what is cached; logits [len(ids), vocab], or [1, vocab] for the last position
+        only with `all_logits=False` (what generation needs; the graph then skips the rest of lm_head).
+        A single row is a view of a preallocated output buffer, overwritten by the next step: copy it to keep it."""
         n = len(ids)
         total = self.length + n
         if n == 0:
@@ -111,10 +115,13 @@ class KVEngine:
             raise EdgekitError(f"KV cache holds {self.capacity} positions; {total} needed (reserve more)")
         self._io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         self._io.bind_cpu_input("attention_mask", self._mask[:, :total])
-        if n == 1:
+        one_row = n == 1 or (not all_logits and self._can_keep_last)
+        if self._can_keep_last:
+            self._io.bind_cpu_input("logits_to_keep", _KEEP_LAST if one_row else _KEEP_ALL)
+        if one_row:
             self._io.bind_ortvalue_output("logits", self._logits_value)
         else:
-            self._io.bind_output("logits", "cpu")  # prefill: onnxruntime allocates [1, n, vocab]
+            self._io.bind_output("logits", "cpu")  # onnxruntime allocates [1, n, vocab]
         if not self.shared:
             for past, present, buf in zip(self.past_names, self.present_names, self._buffers, strict=True):
                 self._io.bind_cpu_input(past, np.ascontiguousarray(buf[:, :, : self.length]))
@@ -124,9 +131,10 @@ class KVEngine:
             for buf, value in zip(self._buffers, self._io.get_outputs()[1:], strict=True):
                 buf[:, :, :total] = value.numpy()
         self.length = total
-        if n == 1:
+        if one_row:
             return self._logits[0]
-        return self._io.get_outputs()[0].numpy()[0]
+        logits = self._io.get_outputs()[0].numpy()[0]
+        return logits if all_logits else logits[-1:]
 
     def kv(self, slot: int, kind: str = "key") -> np.ndarray:
         """The valid part of one cache slot [1, kv_heads, length, head_dim] (CPU buffers only; a view)."""
@@ -310,7 +318,7 @@ class Generator:
         self.last = result
 
         start, cpu = time.perf_counter(), time.process_time()
-        token = sample(self.engine.forward(ids)[-1])
+        token = sample(self.engine.forward(ids, all_logits=False)[-1])
         result.prefill_s = elapsed = time.perf_counter() - start
         result.prefill_cpu_s = time.process_time() - cpu
         while True:

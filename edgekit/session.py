@@ -28,6 +28,10 @@ class DecoderSession:
         self, model_path: Path | str, providers: list | None = None, options: ort.SessionOptions | None = None
     ) -> None:
         self.model_path = Path(model_path)
+        if options is None:
+            options = ort.SessionOptions()
+            # onnxruntime warns that `logits_to_keep` (an input with a default) is not a constant: expected.
+            options.log_severity_level = 3
         self.session = ort.InferenceSession(
             str(self.model_path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
         )

@@ -82,7 +82,8 @@ def test_skipped_weights_are_gone_from_the_file(bundle_factory):
     assert any("layers.4/mlp" in n for n in names) and any("layers.2/attn" in n for n in names)
     assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == 3
     assert [i.name for i in model.graph.input][2:] == [
-        f"past_key_values.{j}.{k}" for j in range(3) for k in ("key", "value")
+        *(f"past_key_values.{j}.{k}" for j in range(3) for k in ("key", "value")),
+        "logits_to_keep",
     ]
     # q/k/v/o of two layers: 2 × (64·64 + 2·32·64 + 64·64) fp32 weights fewer
     saved = full.manifest["files"]["model.onnx"]["bytes"] - skipped.manifest["files"]["model.onnx"]["bytes"]

@@ -69,6 +69,25 @@ def test_shared_buffer_equals_plain_session_logits(bundle_factory):
             )
 
 
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_last_position_logits_equal_the_full_prefill(bundle_factory, quant):
+    """`logits_to_keep` = 1 runs lm_head on the last position only; that row equals the full prefill's,
+    and a following step sees the same cache."""
+    gen = Generator(bundle_factory(skip=2, quant=quant))
+    assert "logits_to_keep" in gen.bundle.manifest["graph"]["inputs"]
+    ids = gen.encode("Once upon a time, there was a little girl named Lily.")
+    full = KVEngine(gen.session, capacity=64)
+    last = KVEngine(gen.session, capacity=64)
+    every = full.forward(ids)
+    only = last.forward(ids, all_logits=False)
+    assert every.shape == (len(ids), full.vocab) and only.shape == (1, full.vocab)
+    scale = float(np.abs(every).max())
+    np.testing.assert_allclose(only[0], every[-1], rtol=0, atol=1e-5 * scale)
+    # the next step with a cache filled by either prefill, and all logits again afterwards
+    np.testing.assert_allclose(last.forward([5]), full.forward([5]), rtol=0, atol=1e-5 * scale)
+    assert last.forward([6, 7]).shape == (2, full.vocab)
+
+
 def test_int4_bundle_runs_and_reports_placement(bundle_factory):
     gen = Generator(bundle_factory(skip=2, quant="int4"))
     result = gen.generate(PROMPT, GenerationConfig(max_new_tokens=12))
