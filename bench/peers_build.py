@@ -158,9 +158,12 @@ def build(c: Contender, ckpt: Path) -> Contender:
     """Build one contender (unless cached); records its error instead of raising."""
     out = Path(c.path)
     marker = (out.parent if out.suffix == ".gguf" else out) / f".peer-{out.name}.json"
+    source = _edgekit_tree() if c.tool == "edgekit" else None
     if marker.is_file():
-        c.build = json.loads(marker.read_text())
-        return c
+        cached = json.loads(marker.read_text())
+        if cached.get("edgekit_tree") == source:  # an edgekit bundle is rebuilt when edgekit's code changed
+            c.build = cached
+            return c
     log = WORK / "logs" / f"build-{c.model}-{c.name.replace(' ', '-')}.log"
     skip = ",".join(map(str, c.skipped))
     try:
@@ -188,11 +191,18 @@ def build(c: Contender, ckpt: Path) -> Contender:
             peaks = (c.build["export_peak_rss_bytes"], first.get("export_peak_rss_bytes") or 0)
             c.build["export_peak_rss_bytes"] = max(peaks)
         c.build["file_bytes"] = _file_bytes(out, c.file_name)
+        c.build["edgekit_tree"] = source
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(c.build))
     except Exception as e:  # a peer that cannot be built is reported, not fatal
         c.error = f"{type(e).__name__}: {e}"
     return c
+
+
+def _edgekit_tree() -> str | None:
+    """The committed edgekit/ tree's hash (None outside git): edgekit bundles built by other code are stale."""
+    out = subprocess.run(["git", "rev-parse", "HEAD:edgekit"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _cached_step(out: Path, model: str, venv: str, args: list) -> dict:
