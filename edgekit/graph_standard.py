@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgekit.errors import EdgekitError
 from edgekit.graph import OPSET, GraphContract, GraphWriter, TensorSink, write_model
 from edgekit.load import Checkpoint, rotary_tables
-from edgekit.quantize import QuantConfig
+from edgekit.quantize import QuantConfig, per_channel_int8
 from edgekit.skipset import SkipSet
 
 MASK_VALUE = {TensorProto.FLOAT: -1e9, TensorProto.FLOAT16: -3e4}
@@ -58,9 +58,7 @@ class _Builder:
         if bits is None:
             w_name = self.g.float_const(f"{name}.weight", w)
         elif bits == 8:
-            scale = np.abs(w).max(axis=0) / 127.0
-            scale[scale == 0] = 1.0
-            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            q, scale = per_channel_int8(w)
             q_name = self.g.const(f"{name}.weight_quantized", q)
             s_name = self.g.float_const(f"{name}.weight_scale", scale)
             w_name = self.op("DequantizeLinear", [q_name, s_name], f"{name}/DequantizeLinear", axis=1)
@@ -125,6 +123,8 @@ def build_standard_decoder(
     g = GraphWriter(sink, quant)
     b = _Builder(g, quant, fdt)
     hd, n_rep = spec.head_dim, spec.heads // spec.kv_heads
+    if quant.int8_kernel == "dynamic":
+        raise EdgekitError("--int8-kernel dynamic needs the fused flavour (its int8 MatMuls are contrib ops)")
     contract = GraphContract(skip.kept, spec.kv_heads, hd, "float16" if quant.mode == "fp16" else "float32")
     context = max_context or spec.max_context
 

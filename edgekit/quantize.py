@@ -18,6 +18,12 @@ from onnx import helper, numpy_helper
 from edgekit.errors import EdgekitError
 
 QUANT_MODES = ("fp32", "fp16", "int8", "int4")
+# How int8 MatMuls run. "blockwise": MatMulNBits, blocks of --block-size, int8 activations per block.
+# "dynamic": int8 weights per output channel, activations quantized per tensor at run time
+# (DynamicQuantizeLinear + MatMulIntegerToFloat, MLAS's QGEMM). Same decode speed, but QGEMM prefills
+# 2.6x faster than MatMulNBits' int8-compute GEMM (256 rows, bench/kernels.py); per-tensor activation
+# scales are coarser, so large models with activation outliers may lose more quality (LLM.int8).
+INT8_KERNELS = ("blockwise", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class QuantConfig:
     symmetric: bool = False
     lm_head_bits: int | None = None  # None: the same as the other MatMuls
     quantize_embedding: bool = True  # int4 only: GatherBlockQuantized
+    int8_kernel: str = "blockwise"  # int8 only; see INT8_KERNELS
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -39,6 +46,10 @@ class QuantConfig:
             raise EdgekitError(f"--accuracy-level {self.accuracy_level}: must be 0-4")
         if self.lm_head_bits not in (None, 4, 8, 32):
             raise EdgekitError(f"--lm-head-bits {self.lm_head_bits}: must be 4, 8 or 32")
+        if self.int8_kernel not in INT8_KERNELS:
+            raise EdgekitError(f"--int8-kernel {self.int8_kernel}: choose one of {', '.join(INT8_KERNELS)}")
+        if self.int8_kernel == "dynamic" and self.mode != "int8":
+            raise EdgekitError("--int8-kernel dynamic needs --quant int8")
 
     @property
     def bits(self) -> int | None:
@@ -67,6 +78,8 @@ class QuantConfig:
         d["embedding"] = f"int4 block {self.block_size}" if self.embedding_quantized else str(self.float_dtype)
         d["lm_head"] = f"int{self.bits_for('lm_head')}" if self.bits_for("lm_head") else str(self.float_dtype)
         d["quantizer"] = "onnxruntime DefaultWeightOnlyQuantizer (MatMulNBits / GatherBlockQuantized)"
+        if self.int8_kernel == "dynamic":
+            d["quantizer"] = "per-channel symmetric int8 (DynamicQuantizeLinear + MatMulIntegerToFloat)"
         return d
 
 
@@ -97,6 +110,8 @@ def quantize_node(
 
     Returns the replacement nodes and their initializers; the float weight is not among them.
     """
+    if bits == 8 and cfg.int8_kernel == "dynamic" and node.op_type == "MatMul":
+        return dynamic_int8_matmul(node, weight_name, weight)
     scratch = onnx.GraphProto()
     scratch.initializer.append(numpy_helper.from_array(_contiguous_f32(weight), weight_name))
     nodes = _ort_quantizer(bits, cfg).quantize(node, [scratch])
@@ -105,6 +120,36 @@ def quantize_node(
     # Copy the results out: a message taken from `scratch` keeps scratch's whole arena alive, and with it
     # the fp32 weight (measured: the 7B export grew by every weight it had quantized, 27 GB in all).
     return list(nodes), [_detached(t) for t in scratch.initializer if t.name != weight_name]
+
+
+def per_channel_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column of a [K, N] weight: (int8 [K, N], float32 scale [N]).
+
+    Written here rather than taken from onnxruntime's quantizer: that one works on whole models, and
+    the export quantizes one weight at a time as it streams (see the module docstring)."""
+    scale = (np.abs(weight).max(axis=0) / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), scale
+
+
+def dynamic_int8_matmul(
+    node: onnx.NodeProto, weight_name: str, weight: np.ndarray
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """MatMul → DynamicQuantizeLinear(x) + MatMulIntegerToFloat(x_q, W_q, x_scale, W_scale, x_zero)."""
+    q, scale = per_channel_int8(_contiguous_f32(weight))
+    q_name, s_name, base = f"{weight_name}_quantized", f"{weight_name}_scale", node.name or node.output[0]
+    x_q, x_scale, x_zero = (f"{base}/x_{part}" for part in ("quantized", "scale", "zero_point"))
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", [node.input[0]], [x_q, x_scale, x_zero], name=f"{base}/quantize_x"),
+        helper.make_node(
+            "MatMulIntegerToFloat",
+            [x_q, q_name, x_scale, s_name, x_zero],
+            list(node.output),
+            name=f"{base}/MatMulIntegerToFloat",
+            domain="com.microsoft",
+        ),
+    ]
+    return nodes, [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)]
 
 
 def _detached(t: onnx.TensorProto) -> onnx.TensorProto:

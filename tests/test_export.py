@@ -7,8 +7,10 @@ import onnx
 import pytest
 
 from edgekit.bundle import read_bundle
+from edgekit.errors import EdgekitError
 from edgekit.load import load_torch_model, open_checkpoint
 from edgekit.perplexity import perplexity, split_documents
+from edgekit.quantize import QuantConfig
 from edgekit.session import DecoderSession
 from edgekit.skipset import SkipSet, last_n
 from edgekit.surgery import apply_skip, full_logits
@@ -39,6 +41,27 @@ def test_kv_cache_decode_equals_full_forward(bundle_factory, skip, quant):
     tolerance = 1e-4 if quant == "fp32" else 2.5e-2
     assert np.abs(stepped - full).max() <= tolerance * scale
     assert (stepped.argmax(-1) == full.argmax(-1)).mean() >= (1.0 if quant == "fp32" else 0.9)
+
+
+def test_dynamic_int8_runs_on_qgemm_and_stays_close(bundle_factory):
+    """--int8-kernel dynamic: per-channel int8 weights, activations quantized per tensor at run time."""
+    bundle = read_bundle(bundle_factory(skip=2, quant="int8", int8_kernel="dynamic"))
+    ops = [n.op_type for n in onnx.load(str(bundle.model_file)).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 3 * 5 + 2 * 3 + 1  # 3 whole layers, 2 MLP-only, lm_head
+    assert "MatMulNBits" not in ops and "MatMul" not in ops
+    q = bundle.manifest["quantization"]
+    assert q["int8_kernel"] == "dynamic" and "MatMulIntegerToFloat" in q["quantizer"]
+    v = bundle.manifest["verification"]
+    assert v["ppl_onnx"] <= 1.05 * v["ppl_torch_fp32"] and v["top1_agreement"] >= 0.9
+    session = DecoderSession(bundle.model_file)
+    full = session.logits(IDS)
+    stepped = _incremental_logits(session, IDS, prefill=5)
+    # One activation scale per tensor and call: a prompt and a single token round differently, and more
+    # coarsely than MatMulNBits' per-block scales (measured: up to 9% of the logit scale, against ~1%).
+    assert np.abs(stepped - full).max() <= 0.15 * np.abs(full).max()
+    assert (stepped.argmax(-1) == full.argmax(-1)).mean() >= 0.9
+    with pytest.raises(EdgekitError, match="needs --quant int8"):
+        QuantConfig(mode="int4", int8_kernel="dynamic")
 
 
 @pytest.mark.parametrize("skip", [0, 2])
