@@ -236,6 +236,16 @@ def goal_lines(m: dict[str, Any]) -> list[str]:
     out = ["Goal ratios (edgekit ÷ peer; decode time, so < 1 is faster; per-round ratios, median [range]):"]
     for variant in ("int4", "int4-b128"):
         out += _goal_lines_for(m, variant)
+    timed = [c for c in m["contenders"] if "summary" in c]
+    n, k = m["prompt_lens"][-1], len(m["prompt_lens"]) - 1
+    ours = max((c for c in timed if c["tool"] == "edgekit"), key=lambda c: _at(c, n)["prefill_tok_s"], default=None)
+    theirs = max((c for c in timed if c["tool"] != "edgekit"), key=lambda c: _at(c, n)["prefill_tok_s"], default=None)
+    if ours and theirs:
+        r, spread = paired_ratio(ours, theirs, k, "ttft_s")
+        out.append(
+            f"- fastest edgekit prefill of {n} tokens ({ours['name']}) vs fastest peer ({theirs['name']}): "
+            f"time {r:.2f}×{spread} (goal ≤ 1) {_mark(r <= 1)}"
+        )
     return out if len(out) > 1 else []
 
 
