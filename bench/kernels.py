@@ -4,6 +4,8 @@ A batch-1 decode step reads every weight once, so bytes ÷ read bandwidth is its
 This measures how close the kernels that do the reading get to that floor, with nothing else in the graph:
 - MatMulNBits: a chain of 48 layers of K = N = 2048 random packed int4 weights (~130 MB, far above the
   caches), one row of activations, for each block size / zero-point layout; GB/s = weight bytes ÷ time.
+- a prompt's 256 rows at once: MatMulNBits' int8-compute GEMM against MLAS's QGEMM (what
+  `--int8-kernel dynamic` and optimum's dynamic int8 run on);
 - GroupQueryAttention (1.1B shape: 32 query / 4 KV heads of 64, 22 layers, rotary, shared KV buffer):
   one decode step at several context lengths; the per-position cost is what grows decode with context.
 
@@ -36,10 +38,10 @@ def _session(model: bytes, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def matmul_chain(block: int, symmetric: bool, accuracy_level: int = 4) -> tuple[bytes, int]:
-    """A chain of MatMulNBits nodes on random packed int4 weights; (model bytes, weight bytes read per run)."""
+def matmul_chain(block: int, symmetric: bool, accuracy_level: int = 4, bits: int = 4) -> tuple[bytes, int]:
+    """A chain of MatMulNBits nodes on random packed weights; (model bytes, weight bytes read per run)."""
     rng = np.random.default_rng(0)
-    blocks, blob = HIDDEN // block, block // 2
+    blocks, blob = HIDDEN // block, block * bits // 8
     nodes, inits, x = [], [], "x"
     for i in range(LAYERS_MATMUL):
         ins = [x, f"w{i}", f"s{i}"]
@@ -50,10 +52,10 @@ def matmul_chain(block: int, symmetric: bool, accuracy_level: int = 4) -> tuple[
             inits.append(numpy_helper.from_array(zp, f"z{i}"))
             ins.append(f"z{i}")
         y = "y" if i == LAYERS_MATMUL - 1 else f"y{i}"
-        attrs = {"K": HIDDEN, "N": HIDDEN, "bits": 4, "block_size": block, "accuracy_level": accuracy_level}
+        attrs = {"K": HIDDEN, "N": HIDDEN, "bits": bits, "block_size": block, "accuracy_level": accuracy_level}
         nodes.append(helper.make_node("MatMulNBits", ins, [y], domain="com.microsoft", **attrs))
         x = y
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, HIDDEN]) for n in ("x", "y")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["rows", HIDDEN]) for n in ("x", "y")]
     graph = helper.make_graph(nodes, "matmul_chain", io[:1], io[1:], inits)
     weight_bytes = sum(len(t.raw_data) for t in inits)
     return helper.make_model(graph, opset_imports=OPSETS).SerializeToString(), weight_bytes
@@ -71,6 +73,41 @@ def best_of(run, repeats: int, rounds: int) -> float:
             times.append(time.perf_counter() - t)
         per_round.append(min(times))
     return float(np.median(per_round))
+
+
+def dynamic_int8_chain() -> bytes:
+    """The same chain as int8 weights per output channel on QGEMM: DynamicQuantizeLinear + MatMulIntegerToFloat."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(LAYERS_MATMUL):
+        inits.append(numpy_helper.from_array(rng.integers(-127, 127, (HIDDEN, HIDDEN), dtype=np.int8), f"w{i}"))
+        inits.append(numpy_helper.from_array(rng.random(HIDDEN, dtype=np.float32) * 0.01, f"s{i}"))
+        q = [f"x{i}_q", f"x{i}_scale", f"x{i}_zero"]
+        nodes.append(helper.make_node("DynamicQuantizeLinear", [x], q))
+        y = "y" if i == LAYERS_MATMUL - 1 else f"y{i}"
+        ins = [q[0], f"w{i}", q[1], f"s{i}", q[2]]
+        nodes.append(helper.make_node("MatMulIntegerToFloat", ins, [y], domain="com.microsoft"))
+        x = y
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["rows", HIDDEN]) for n in ("x", "y")]
+    graph = helper.make_graph(nodes, "dynamic_int8_chain", io[:1], io[1:], inits)
+    return helper.make_model(graph, opset_imports=OPSETS).SerializeToString()
+
+
+def measure_prompt_gemm(threads: int, rounds: int, rows: int = 256) -> list[dict]:
+    """Many rows at once (a prompt): MatMulNBits' int8-compute GEMM against MLAS's QGEMM, 48 × 2048×2048."""
+    x = np.random.default_rng(1).standard_normal((rows, HIDDEN)).astype(np.float32)
+    models = {
+        "MatMulNBits int4, block 32, zero points": matmul_chain(32, False)[0],
+        "MatMulNBits int8, block 32": matmul_chain(32, True, bits=8)[0],
+        "DynamicQuantizeLinear + MatMulIntegerToFloat (int8 per channel)": dynamic_int8_chain(),
+    }
+    out = []
+    for kernel, model in models.items():
+        session = _session(model, threads)
+        seconds = best_of(lambda s=session: s.run(None, {"x": x}), 2, rounds)
+        gmacs = LAYERS_MATMUL * HIDDEN * HIDDEN * rows / 1e9
+        out.append({"kernel": kernel, "rows": rows, "ms": 1000 * seconds, "gmac_s": gmacs / seconds})
+    return out
 
 
 def measure_matmul(threads: int, rounds: int) -> list[dict]:
@@ -152,6 +189,7 @@ def main() -> None:
         "group_query_attention": measure_attention(
             args.threads, args.rounds, [int(c) for c in args.contexts.split(",")]
         ),
+        "prompt_gemm": measure_prompt_gemm(args.threads, args.rounds),
         "load_average": bandwidth["load_average"],
     }
     if args.json:
@@ -162,6 +200,9 @@ def main() -> None:
     print("| MatMulNBits int4, accuracy level 4 | ms | weight MB | GB/s | of bandwidth |\n|---|---:|---:|---:|---:|")
     for r in result["matmulnbits_int4"]:
         print(f"| {r['layout']} | {r['ms']:.2f} | {r['weight_mb']:.1f} | {r['gbs']:.1f} | {r['gbs'] / bw:.0%} |")
+    print("\n| 256 rows (a prompt), 48 × 2048×2048 | ms | GMAC/s |\n|---|---:|---:|")
+    for r in result["prompt_gemm"]:
+        print(f"| {r['kernel']} | {r['ms']:.1f} | {r['gmac_s']:.0f} |")
     print("\n| GroupQueryAttention, 22 layers, context | ms | KV MB read | GB/s |\n|---:|---:|---:|---:|")
     for r in result["group_query_attention"]:
         print(f"| {r['context']} | {r['ms']:.2f} | {r['kv_mb']:.1f} | {r['gbs']:.1f} |")

@@ -21,7 +21,7 @@ QUANT_MODES = ("fp32", "fp16", "int8", "int4")
 # How int8 MatMuls run. "blockwise": MatMulNBits, blocks of --block-size, int8 activations per block.
 # "dynamic": int8 weights per output channel, activations quantized per tensor at run time
 # (DynamicQuantizeLinear + MatMulIntegerToFloat, MLAS's QGEMM). Same decode speed, but QGEMM prefills
-# 2.6x faster than MatMulNBits' int8-compute GEMM (256 rows, bench/kernels.py); per-tensor activation
+# 2.3-2.6x faster than MatMulNBits' int8-compute GEMM (256 rows, bench/kernels.py); per-tensor activation
 # scales are coarser, so large models with activation outliers may lose more quality (LLM.int8).
 INT8_KERNELS = ("blockwise", "dynamic")
 
