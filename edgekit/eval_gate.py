@@ -85,7 +85,11 @@ def quality_gate(
     del bundle  # its onnxruntime session, before the reference takes the memory
     gc.collect()
     if streaming:
-        ppl_ref = _streaming_perplexity(ckpt, docs, window, stride)
+        from edgekit.eval_streaming import streaming_scorer
+        from edgekit.skipset import SkipSet
+
+        reference = streaming_scorer(ckpt, SkipSet.none(ckpt.spec.num_layers), ckpt.source_id)
+        ppl_ref = reference.run(lambda: eval_perplexity(reference, docs, window, stride))
     else:
         reference = open_folder_scorer(ckpt.path, ckpt, load_torch_model(ckpt), ckpt.source_id, [])
         ppl_ref = eval_perplexity(reference, docs, window, stride)
@@ -102,31 +106,3 @@ def quality_gate(
         max_increase=max_increase,
         passed=max_increase is None or increase <= max_increase,
     )
-
-
-class _Windows:
-    """Stands in for a scorer: first records the windows perplexity asks for, then answers from a table."""
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-        self.asked: list[tuple[int, ...]] = []
-        self.table: dict[tuple[int, ...], Any] | None = None
-
-    def logits(self, ids: list[int]) -> Any:
-        import numpy as np
-
-        if self.table is not None:
-            return self.table[tuple(ids)]
-        self.asked.append(tuple(ids))
-        return np.zeros((len(ids), self.vocab), np.float32)
-
-
-def _streaming_perplexity(ckpt: Any, docs: list[list[int]], window: int, stride: int) -> Any:
-    from edgekit.evaluate import eval_perplexity
-    from edgekit.verify_streaming import StreamingModel
-
-    windows = _Windows(ckpt.spec.vocab)
-    eval_perplexity(windows, docs, window, stride)  # dry run: which windows
-    unique = list(dict.fromkeys(windows.asked))
-    windows.table = dict(zip(unique, StreamingModel(ckpt, None).logits(unique), strict=True))
-    return eval_perplexity(windows, docs, window, stride)
