@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import SMALL_SHAPE, save_random_model
 
 from edgekit.budget import check_budget, estimate_memory
 from edgekit.bundle import open_bundle
@@ -363,27 +364,13 @@ def test_memory_estimate_bounds_the_measured_peak(bundle_factory):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
-def test_standard_flavour_parity_on_random_models(kind, tmp_path, stories_path):
+def test_standard_flavour_parity_on_random_models(kind, tmp_path):
     """Shapes stories260K lacks: 4:1 GQA, head_dim 32, q/k/v biases (Qwen2), a sliding window shorter than
     the verification sequence (Mistral, window 6: the mask's window term is exercised)."""
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
-    common = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        vocab_size=512,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        initializer_range=0.08,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = {**SMALL_SHAPE, "num_hidden_layers": 3}
     if kind == "qwen2":
         config = Qwen2Config(**common)
     else:
@@ -395,10 +382,7 @@ def test_standard_flavour_parity_on_random_models(kind, tmp_path, stories_path):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
-    src = tmp_path / "src"
-    model.save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-        shutil.copyfile(stories_path / name, src / name)
+    src = save_random_model(model, tmp_path / "src")
     req = ExportRequest(model=str(src), skip_layers="1", flavour="standard", output=tmp_path / "b")
     m = export(req).manifest
     v = m["verification"]
