@@ -129,6 +129,17 @@ ROWS: list[Row] = [
     Row("quant-unknown", (*EXPORT, "stories260k", "--quant", "int3"), r"--quant.*int3"),
     Row("block-size-invalid", (*EXPORT, "stories260k", "--quant", "int4", "--block-size", "24"), r"power of two"),
     Row("accuracy-level-invalid", (*EXPORT, "stories260k", "--accuracy-level", "9"), r"must be 0-4"),
+    Row("int8-kernel-unknown", (*EXPORT, "stories260k", "--int8-kernel", "fast"), r"--int8-kernel.*fast"),
+    Row(
+        "int8-kernel-not-int8",
+        (*EXPORT, "stories260k", "--quant", "int4", "--int8-kernel", "dynamic"),
+        r"needs --quant int8",
+    ),
+    Row(
+        "int8-kernel-standard-flavour",
+        (*EXPORT, "stories260k", "--quant", "int8", "--int8-kernel", "dynamic", "--flavour", "standard"),
+        r"needs the fused flavour",
+    ),
     Row("max-context-too-long", (*EXPORT, "stories260k", "--max-context", "100000"), r"--max-context 100000"),
     Row("max-context-too-short", (*EXPORT, "stories260k", "--max-context", "1"), r"--max-context 1"),
     Row("verify-text-missing", (*EXPORT, "stories260k", "--quant", "int8", "--verify-text", "nope.txt"), r"nope\.txt"),
