@@ -9,8 +9,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from edgekit.export import ExportRequest, export
-from edgekit.quantize import QuantConfig
+from edgekit.export.pipeline import ExportRequest, export
+from edgekit.export.quantize import QuantConfig
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from edgekit.providers import RuntimeOptions, create_session
-from edgekit.runtime import KVEngine
-from edgekit.session import DecoderSession
+from edgekit.runtime.generator import KVEngine
+from edgekit.runtime.providers import RuntimeOptions, create_session
+from edgekit.runtime.session import DecoderSession
 
 
 def main() -> None:

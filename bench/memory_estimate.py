@@ -1,6 +1,6 @@
 """The export's memory estimate (manifest `memory`) next to the peak a fresh process really reaches.
 
-For each bundle: run `edgekit.profile.measure` (load, prompt, generate) in a new Python process and read
+For each bundle: run `edgekit.runtime.profile.measure` (load, prompt, generate) in a new Python process and read
 its VmHWM from /proc (the high-water mark of that process image; `ru_maxrss` would include the peak of
 the process that spawned it, which Linux carries across exec). Linux only.
 
@@ -17,7 +17,7 @@ import sys
 
 CHILD = (
     "import json, sys\n"
-    "from edgekit.profile import measure\n"
+    "from edgekit.runtime.profile import measure\n"
     "measure(json.loads(sys.argv[1]))\n"
     "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
 )

@@ -37,8 +37,8 @@ def _peak_rss() -> int:
 
 
 def _edgekit(spec: dict[str, Any]) -> tuple[float, Any]:
-    from edgekit.providers import RuntimeOptions
-    from edgekit.runtime import GenerationConfig, Generator
+    from edgekit.runtime.generator import GenerationConfig, Generator
+    from edgekit.runtime.providers import RuntimeOptions
 
     t = time.perf_counter()
     gen = Generator(

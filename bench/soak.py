@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from edgekit.runtime import GenerationConfig, Generator
+from edgekit.runtime.generator import GenerationConfig, Generator
 
 PROMPTS = ["Once upon a time", "Lily and Ben went to the park. They saw a big dog and", "The sun", "Tom had a ball."]
 

@@ -3,7 +3,7 @@
 Speed depends on the shapes, not on the weight values, so the model is built with transformers from
 TinyLlama-1.1B's config with random weights (no download), saved as fp16 safetensors, then exported
 with edgekit at skip 0 and with 6 of 22 layers' attention removed (~25%), for each weight format.
-Each twin pair is profiled with `edgekit.profile` interleaved (A B A B …, one child process per run),
+Each twin pair is profiled with `edgekit.runtime.profile` interleaved (A B A B …, one child process per run),
 at 128 and 1,024 tokens of context, and the ratios come from that one run. Everything built is cached
 under bench/work/speed/ (gitignored).
 
@@ -35,8 +35,8 @@ def build_checkpoint(out: Path) -> Path:
 
 
 def build_bundle(ckpt: Path, skip: int, quant: str) -> Path:
-    from edgekit.export import ExportRequest, export
-    from edgekit.quantize import QuantConfig
+    from edgekit.export.pipeline import ExportRequest, export
+    from edgekit.export.quantize import QuantConfig
 
     out = WORK / f"tinyllama-1.1b-skip{skip}-{quant}"
     if (out / "edgekit.json").is_file():
@@ -82,7 +82,7 @@ def main() -> None:
     if args.build_only:
         return
 
-    from edgekit.profile import ProfileRequest, format_report, profile
+    from edgekit.runtime.profile import ProfileRequest, format_report, profile
 
     prompt_lens = tuple(int(x) for x in args.prompt_len.split(","))
     results = {}

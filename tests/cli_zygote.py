@@ -27,8 +27,8 @@ from pathlib import Path
 
 def _warm() -> None:
     import edgekit.cli  # noqa: F401 - every command module
-    from edgekit.load import open_checkpoint
-    from edgekit.registry import ALIASES
+    from edgekit.checkpoint.load import open_checkpoint
+    from edgekit.checkpoint.registry import ALIASES
 
     open_checkpoint(ALIASES["stories260k"].embedded_path, "warm-up")  # transformers' llama config, safetensors
 

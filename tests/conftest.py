@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.export import ExportRequest, export
-from edgekit.quantize import QuantConfig
-from edgekit.registry import ALIASES
+from edgekit.checkpoint.registry import ALIASES
+from edgekit.export.pipeline import ExportRequest, export
+from edgekit.export.quantize import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGEKIT_SHARED", ROOT.parent / "shared"))

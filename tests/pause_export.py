@@ -15,8 +15,8 @@ import os
 import sys
 import time
 
-import edgekit.bundle as bundle_mod
-import edgekit.export as export_mod
+import edgekit.bundle.folder as bundle_mod
+import edgekit.export.pipeline as export_mod
 
 
 def pause(name: str) -> None:

@@ -10,15 +10,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from edgekit.analyze import analyze_checkpoint
-from edgekit.bundle import read_bundle
+from edgekit.bundle.folder import read_bundle
+from edgekit.checkpoint.load import load_torch_model, open_checkpoint
 from edgekit.cli import main
-from edgekit.export import ExportRequest, export
-from edgekit.load import load_torch_model, open_checkpoint
-from edgekit.perplexity import PerplexityResult, perplexity, split_documents
-from edgekit.session import DecoderSession
-from edgekit.skipset import SkipSet
-from edgekit.surgery import apply_skip, full_logits
+from edgekit.export.pipeline import ExportRequest, export
+from edgekit.quality.analyze import analyze_checkpoint
+from edgekit.quality.perplexity import PerplexityResult, perplexity, split_documents
+from edgekit.runtime.session import DecoderSession
+from edgekit.skip.skipset import SkipSet
+from edgekit.skip.surgery import apply_skip, full_logits
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -173,18 +173,18 @@ def test_analyze_cli_json_plot_and_bad_n(tmp_path, capsys):
 
 
 def test_eval_auto_skip_ranks_on_the_given_calibration_text(corpora, monkeypatch, tmp_path, bundle_factory):
-    import edgekit.analyze
+    import edgekit.quality.analyze
     from edgekit.errors import EdgekitError
-    from edgekit.evaluate import EvalRequest, evaluate
+    from edgekit.quality.evaluate import EvalRequest, evaluate
 
     seen: list = []
-    real = edgekit.analyze.auto_skip
+    real = edgekit.quality.analyze.auto_skip
 
     def spy(ckpt, n, calib=None, **kw):
         seen.append(calib)
         return real(ckpt, n, calib, token_budget=512)
 
-    monkeypatch.setattr(edgekit.analyze, "auto_skip", spy)
+    monkeypatch.setattr(edgekit.quality.analyze, "auto_skip", spy)
     calib = corpora / "tinystories-valid-subset.txt"
     text = tmp_path / "t.txt"
     text.write_text("Once upon a time there was a cat. The cat liked to play in the sun.\n")

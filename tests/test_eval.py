@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from edgekit.checkpoint.load import load_torch_model, open_checkpoint
 from edgekit.errors import EdgekitError
-from edgekit.eval_gate import parse_increase
-from edgekit.eval_models import open_bundle_scorer, open_checkpoint_scorer, open_folder_scorer
-from edgekit.eval_tasks import load_task, parse_example, score_task
-from edgekit.evaluate import EvalRequest, eval_agreement, eval_perplexity, evaluate, load_documents
-from edgekit.export import ExportRequest, export
-from edgekit.load import load_torch_model, open_checkpoint
-from edgekit.perplexity import parse_separator
-from edgekit.skipset import SkipSet
-from edgekit.surgery import apply_skip
+from edgekit.export.pipeline import ExportRequest, export
+from edgekit.quality.evaluate import EvalRequest, eval_agreement, eval_perplexity, evaluate, load_documents
+from edgekit.quality.gate import parse_increase
+from edgekit.quality.models import open_bundle_scorer, open_checkpoint_scorer, open_folder_scorer
+from edgekit.quality.perplexity import parse_separator
+from edgekit.quality.tasks import load_task, parse_example, score_task
+from edgekit.skip.skipset import SkipSet
+from edgekit.skip.surgery import apply_skip
 
 DOCS = 6  # TinyStories valid-subset stories per measurement: enough for stable figures, fast on 2 cores
 
@@ -224,7 +224,7 @@ def test_separator_and_increase_parsing():
 
 def test_lmeval_adapter_drives_a_bundle(bundle_factory, corpora, tmp_path):
     lm_eval = pytest.importorskip("lm_eval", reason="optional extra edgekit[lmeval]")
-    from edgekit.lmeval_adapter import EdgekitLM
+    from edgekit.quality.lmeval_adapter import EdgekitLM
 
     bundle = bundle_factory(skip=2, quant="fp32")
     task_file = tinystories_choice_task(corpora, tmp_path / "mc.jsonl", n=12)
@@ -279,7 +279,7 @@ def test_quality_gate_rejects_and_records(tmp_path, corpora):
 
 
 def test_quality_gate_streaming_reference_matches_full(bundle_factory, stories_path, tmp_path, corpora):
-    from edgekit.eval_gate import quality_gate
+    from edgekit.quality.gate import quality_gate
 
     calib = tmp_path / "calib.txt"
     text = (corpora / "tinystories-train-sample.txt").read_text(encoding="utf-8")

@@ -6,14 +6,14 @@ import numpy as np
 import onnx
 import pytest
 
-from edgekit.bundle import read_bundle
+from edgekit.bundle.folder import read_bundle
+from edgekit.checkpoint.load import load_torch_model, open_checkpoint
 from edgekit.errors import EdgekitError
-from edgekit.load import load_torch_model, open_checkpoint
-from edgekit.perplexity import perplexity, split_documents
-from edgekit.quantize import QuantConfig
-from edgekit.session import DecoderSession
-from edgekit.skipset import SkipSet, last_n
-from edgekit.surgery import apply_skip, full_logits
+from edgekit.export.quantize import QuantConfig
+from edgekit.quality.perplexity import perplexity, split_documents
+from edgekit.runtime.session import DecoderSession
+from edgekit.skip.skipset import SkipSet, last_n
+from edgekit.skip.surgery import apply_skip, full_logits
 
 IDS = [1, 403, 407, 261, 378, 308, 260, 403, 429, 414, 280, 300, 365, 302]
 

@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edgekit.bundle import MANIFEST, read_bundle
+from edgekit.bundle.folder import MANIFEST, read_bundle
+from edgekit.bundle.manifest import validate_manifest
 from edgekit.errors import EdgekitError
-from edgekit.manifest_schema import validate_manifest
-from edgekit.recipes import RECIPES_DIR, parse_recipe
-from edgekit.skipset import SkipSet, parse_layer_list, parse_skip_count
+from edgekit.skip.skipset import SkipSet, parse_layer_list, parse_skip_count
+from edgekit.targets.recipes import RECIPES_DIR, parse_recipe
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(
@@ -184,7 +184,7 @@ def mutated_config(draw):
 @given(config=mutated_config())
 def test_untrusted_config_opens_or_says_why(tmp_path_factory, stories_path, config):
     """config.json comes from a stranger: any values give a checkpoint or an EdgekitError."""
-    from edgekit.load import open_checkpoint
+    from edgekit.checkpoint.load import open_checkpoint
 
     folder = tmp_path_factory.mktemp("cfg")
     (folder / "config.json").write_text(json.dumps(config))

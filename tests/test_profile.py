@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from edgekit.providers import PROVIDERS
+from edgekit.runtime.providers import PROVIDERS
 
 EDGEKIT = str(Path(sys.executable).with_name("edgekit"))
 

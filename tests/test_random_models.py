@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import SMALL_SHAPE, save_random_model
 
-from edgekit.bundle import read_bundle
-from edgekit.export import ExportRequest, export
-from edgekit.quantize import QuantConfig
+from edgekit.bundle.folder import read_bundle
+from edgekit.export.pipeline import ExportRequest, export
+from edgekit.export.quantize import QuantConfig
 
 
 def _make(kind: str, folder, stories_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from cli_zygote import Zygote
 
-from edgekit.bundle import TMP_MARK, check_integrity, clean_stale_temporaries, open_bundle, read_bundle
+from edgekit.bundle.folder import TMP_MARK, check_integrity, clean_stale_temporaries, open_bundle, read_bundle
 from edgekit.errors import EdgekitError
 
 HERE = Path(__file__).resolve().parent
@@ -245,7 +245,7 @@ def test_open_bundle_refuses_tampering_unless_told(tmp_path, bundle_factory):
 
 
 def test_fresh_export_manifest_passes_the_schema(bundle_factory):
-    from edgekit.manifest_schema import validate_manifest
+    from edgekit.bundle.manifest import validate_manifest
 
     for kw in ({"skip": 2, "quant": "int4"}, {"skip": 0, "quant": "fp32"}):
         validate_manifest(json.loads((bundle_factory(**kw) / "edgekit.json").read_text()))
@@ -267,7 +267,7 @@ def test_benign_pickle_loads_with_the_flag_through_the_weights_only_loader(tmp_p
     import torch
     from safetensors.torch import load_file
 
-    from edgekit.load import open_checkpoint
+    from edgekit.checkpoint.load import open_checkpoint
 
     shutil.copytree(stories_path, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
     state = load_file(stories_path / "model.safetensors")
@@ -280,7 +280,7 @@ def test_benign_pickle_loads_with_the_flag_through_the_weights_only_loader(tmp_p
 
 
 def test_force_keeps_the_previous_bundle_when_the_swap_is_interrupted(tmp_path, monkeypatch):
-    from edgekit.bundle import bundle_writer
+    from edgekit.bundle.folder import bundle_writer
 
     target = tmp_path / "b"
     target.mkdir()

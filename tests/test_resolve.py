@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from edgekit.checkpoint.resolve import resolve_model
 from edgekit.errors import EdgekitError
-from edgekit.resolve import resolve_model
 
 
 def test_embedded_alias(stories_path):

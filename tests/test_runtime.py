@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgekit.errors import EdgekitError
-from edgekit.runtime import GenerationConfig, Generator, KVEngine, Sampler
-from edgekit.session import DecoderSession
+from edgekit.runtime.generator import GenerationConfig, Generator, KVEngine, Sampler
+from edgekit.runtime.session import DecoderSession
 
 PROMPT = "Once upon a time"
 
@@ -29,9 +29,9 @@ def s2(bundle_factory):
 
 @pytest.mark.parametrize("skip", [0, 2])
 def test_greedy_tokens_equal_pytorch(bundle_factory, stories_path, skip):
-    from edgekit.load import load_torch_model, open_checkpoint
-    from edgekit.skipset import last_n
-    from edgekit.surgery import apply_skip, full_logits
+    from edgekit.checkpoint.load import load_torch_model, open_checkpoint
+    from edgekit.skip.skipset import last_n
+    from edgekit.skip.surgery import apply_skip, full_logits
 
     gen = Generator(bundle_factory(skip=skip, quant="fp32"))
     result = gen.generate(PROMPT, GenerationConfig(max_new_tokens=40, stop_on_eos=False))
@@ -156,7 +156,7 @@ def test_runtime_never_imports_torch(s2):
     code = textwrap.dedent(
         f"""
         import sys
-        from edgekit.runtime import GenerationConfig, Generator
+        from edgekit.runtime.generator import GenerationConfig, Generator
         r = Generator({str(s2)!r}).generate("Once upon a time", GenerationConfig(max_new_tokens=8))
         assert len(r.token_ids) == 8
         bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))

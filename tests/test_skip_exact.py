@@ -2,9 +2,9 @@
 
 import torch
 
-from edgekit.load import load_torch_model, open_checkpoint
-from edgekit.skipset import SkipSet
-from edgekit.surgery import AttentionFreeDecoderLayer, apply_skip, full_logits
+from edgekit.checkpoint.load import load_torch_model, open_checkpoint
+from edgekit.skip.skipset import SkipSet
+from edgekit.skip.surgery import AttentionFreeDecoderLayer, apply_skip, full_logits
 
 IDS = [1, 403, 407, 261, 378, 308, 260, 403, 429, 414, 280, 300]
 

@@ -1,7 +1,7 @@
 import pytest
 
 from edgekit.errors import EdgekitError
-from edgekit.skipset import SkipSet, last_n, parse_layer_list, parse_skip_count
+from edgekit.skip.skipset import SkipSet, last_n, parse_layer_list, parse_skip_count
 
 
 def test_last_n_and_kv_slots():

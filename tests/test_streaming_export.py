@@ -18,17 +18,18 @@ import torch
 from conftest import SMALL_SHAPE, save_random_model
 from onnx import numpy_helper
 
+from edgekit.checkpoint.load import ModelSpec, load_torch_model, open_checkpoint
 from edgekit.errors import EdgekitError
-from edgekit.export import ExportRequest, export
-from edgekit.export_memory import GIB, parse_size, plan_export_memory
-from edgekit.graph import build_decoder
-from edgekit.load import ModelSpec, load_torch_model, open_checkpoint
-from edgekit.quantize import QuantConfig
-from edgekit.session import DecoderSession
-from edgekit.skipset import SkipSet, last_n
-from edgekit.surgery import apply_skip, full_logits
-from edgekit.verify import verify
-from edgekit.verify_streaming import StreamingModel, verify_streaming
+from edgekit.export.graph import build_decoder
+from edgekit.export.memory import GIB, parse_size, plan_export_memory
+from edgekit.export.pipeline import ExportRequest, export
+from edgekit.export.quantize import QuantConfig
+from edgekit.export.verify import verify
+from edgekit.export.verify_streaming import verify_streaming
+from edgekit.runtime.session import DecoderSession
+from edgekit.skip.skipset import SkipSet, last_n
+from edgekit.skip.streaming import StreamingModel
+from edgekit.skip.surgery import apply_skip, full_logits
 
 PROMPT = [1, 403, 17, 250, 99, 3, 77, 412, 5, 8, 300]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from edgekit.sweep_report import pareto_front
+from edgekit.sweep.report import pareto_front
 
 # Tiny settings: the point is the sweep's bookkeeping, not the numbers.
 QUICK = ["--no-verify", "--max-tokens", "64", "--runs", "1", "--gen-len", "2", "--prompt-len", "8", "--jobs", "1"]

@@ -12,17 +12,17 @@ import onnx
 import pytest
 from conftest import SMALL_SHAPE, save_random_model
 
-from edgekit.budget import check_budget, estimate_memory
-from edgekit.bundle import open_bundle
+from edgekit.bundle.folder import open_bundle
+from edgekit.checkpoint.load import ModelSpec
 from edgekit.cli import main
 from edgekit.errors import EdgekitError
-from edgekit.export import ExportRequest, export
-from edgekit.load import ModelSpec
-from edgekit.mobile import check_ort_size, fixed_greedy
-from edgekit.quantize import QuantConfig
-from edgekit.recipes import RECIPES_DIR, get_recipe, load_recipe_file, resolve_options, shipped_recipes
-from edgekit.runtime import GenerationConfig, Generator
-from edgekit.session import DecoderSession
+from edgekit.export.budget import check_budget, estimate_memory
+from edgekit.export.mobile import check_ort_size, fixed_greedy
+from edgekit.export.pipeline import ExportRequest, export
+from edgekit.export.quantize import QuantConfig
+from edgekit.runtime.generator import GenerationConfig, Generator
+from edgekit.runtime.session import DecoderSession
+from edgekit.targets.recipes import RECIPES_DIR, get_recipe, load_recipe_file, resolve_options, shipped_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [1, 403, 407, 261, 378, 308, 260, 403, 429, 414]
@@ -337,7 +337,7 @@ def test_onnxruntime_genai_runs_the_standard_graph(standard_bundle):
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux /proc")
 def test_memory_estimate_bounds_the_measured_peak(bundle_factory):
-    """profile's own measurement (edgekit.profile.measure) in a fresh process; its peak is read from VmHWM,
+    """profile's own measurement (edgekit.runtime.profile.measure) in a fresh process; its peak is read from VmHWM,
     the new process image's high-water mark (ru_maxrss would carry this pytest process's peak across exec)."""
     bundle = bundle_factory(skip=2, quant="int4")
     est = open_bundle(bundle).manifest["memory"]
@@ -352,7 +352,7 @@ def test_memory_estimate_bounds_the_measured_peak(bundle_factory):
         "spin": True,
     }
     code = (
-        "import json, sys; from edgekit.profile import measure; measure(json.loads(sys.argv[1])); "
+        "import json, sys; from edgekit.runtime.profile import measure; measure(json.loads(sys.argv[1])); "
         "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
     )
     r = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, timeout=120)

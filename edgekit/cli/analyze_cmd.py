@@ -5,11 +5,11 @@ from pathlib import Path
 
 import click
 
-from edgekit.analyze import DEFAULT_TOKEN_BUDGET, analyze_checkpoint
+from edgekit.checkpoint.load import open_checkpoint
+from edgekit.checkpoint.resolve import resolve_model
 from edgekit.cli.output import emit_json, layer_list
 from edgekit.errors import EdgekitError
-from edgekit.load import open_checkpoint
-from edgekit.resolve import resolve_model
+from edgekit.quality.analyze import DEFAULT_TOKEN_BUDGET, analyze_checkpoint
 
 
 @click.command("analyze")
@@ -77,7 +77,7 @@ def command(
     analysis = analyze_checkpoint(ckpt, calib, token_budget, measure=measure, progress=progress, rounds=n)
     rec = analysis.recommend(n)
     if plot is not None:
-        from edgekit.analyze import plot_analysis
+        from edgekit.quality.analyze import plot_analysis
 
         plot_analysis(analysis, plot, n)
     if as_json:

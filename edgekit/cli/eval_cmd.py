@@ -7,9 +7,9 @@ import click
 
 from edgekit.cli.output import emit_json, layer_list
 from edgekit.errors import EdgekitError
-from edgekit.evaluate import EvalRequest, EvalResult, evaluate
-from edgekit.perplexity import DOC_SEPARATOR, parse_separator
-from edgekit.skipset import parse_skip_count
+from edgekit.quality.evaluate import EvalRequest, EvalResult, evaluate
+from edgekit.quality.perplexity import DOC_SEPARATOR, parse_separator
+from edgekit.skip.skipset import parse_skip_count
 
 
 def _task_paths(tasks: str | None) -> list[Path]:

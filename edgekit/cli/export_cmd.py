@@ -8,12 +8,12 @@ import click
 from click.core import ParameterSource
 
 from edgekit.cli.output import emit_json, human_bytes, layer_list
-from edgekit.eval_gate import parse_increase
-from edgekit.export import ExportRequest, export
-from edgekit.export_memory import parse_size
-from edgekit.quantize import INT8_KERNELS, QUANT_MODES, QuantConfig
-from edgekit.recipes import get_recipe, resolve_options
-from edgekit.skipset import parse_skip_count
+from edgekit.export.memory import parse_size
+from edgekit.export.pipeline import ExportRequest, export
+from edgekit.export.quantize import INT8_KERNELS, QUANT_MODES, QuantConfig
+from edgekit.quality.gate import parse_increase
+from edgekit.skip.skipset import parse_skip_count
+from edgekit.targets.recipes import get_recipe, resolve_options
 
 
 @click.command("export")

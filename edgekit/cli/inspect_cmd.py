@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from edgekit.bundle import read_bundle
+from edgekit.bundle.folder import read_bundle
 from edgekit.cli.output import emit_json, human_bytes, layer_list
 
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import click
 
+from edgekit.checkpoint.registry import ALIASES
+from edgekit.checkpoint.resolve import hf_cache_dir
 from edgekit.cli.output import emit_json
-from edgekit.registry import ALIASES
-from edgekit.resolve import hf_cache_dir
 
 
 def _status(alias: str) -> str:

@@ -7,7 +7,7 @@ import click
 from edgekit.cli.output import emit_json
 from edgekit.cli.run_cmd import runtime_options
 from edgekit.errors import EdgekitError
-from edgekit.profile import ProfileRequest, format_report, profile
+from edgekit.runtime.profile import ProfileRequest, format_report, profile
 
 
 def _int_list(value: str, name: str) -> tuple[int, ...]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import click
 
 from edgekit.cli.output import emit_json
-from edgekit.recipes import ISA_PRESETS, Recipe, get_recipe, shipped_recipes
+from edgekit.targets.recipes import ISA_PRESETS, Recipe, get_recipe, shipped_recipes
 
 
 def _as_dict(r: Recipe) -> dict:

@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from edgekit.cli.output import emit_json
-from edgekit.providers import PROVIDERS, RuntimeOptions
-from edgekit.runtime import GenerationConfig, Generator, Token
+from edgekit.runtime.generator import GenerationConfig, Generator, Token
+from edgekit.runtime.providers import PROVIDERS, RuntimeOptions
 
 
 def runtime_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,7 +8,7 @@ import click
 
 from edgekit.cli.output import emit_json
 from edgekit.errors import EdgekitError
-from edgekit.sweep import SweepRequest, parse_list, run_sweep
+from edgekit.sweep.runner import SweepRequest, parse_list, run_sweep
 
 
 @click.command("sweep")

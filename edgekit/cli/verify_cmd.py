@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from edgekit.bundle import check_integrity, read_bundle
+from edgekit.bundle.folder import check_integrity, read_bundle
 from edgekit.cli.output import emit_json
 from edgekit.errors import EdgekitError
 

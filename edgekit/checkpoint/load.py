@@ -1,0 +1,307 @@
+"""Open a checkpoint folder safely: config, family, weights, and (only when asked) a torch model.
+
+Weights are read tensor by tensor from memory-mapped safetensors, so the exporter never needs the
+whole model in memory. Pickle checkpoints (`*.bin`) can execute code when loaded and are refused unless
+the user opts in, and even then go through torch's weights-only unpickler. Remote code in a config
+(`auto_map`) is never run unless the user opts in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.checkpoint.families import Family, check_supported, family_for
+from edgekit.errors import EdgekitError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shapes the graph builder and runtime need, read once from the config."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_context: int
+    rms_eps: float
+    tie_embeddings: bool
+    sliding_window: int | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @staticmethod
+    def from_config(config: Any, family: Family) -> ModelSpec:
+        heads = config.num_attention_heads
+        eos = getattr(config, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        window = getattr(config, "sliding_window", None) if family.uses_sliding_window else None
+        if family.name == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None
+        return ModelSpec(
+            num_layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab=config.vocab_size,
+            max_context=config.max_position_embeddings,
+            rms_eps=config.rms_norm_eps,
+            tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            sliding_window=window,
+            bos_token_id=getattr(config, "bos_token_id", None),
+            eos_token_ids=eos_ids,
+        )
+
+    def kv_bytes_per_token(self, kept_layers: int, bytes_per_value: int = 4) -> int:
+        return 2 * kept_layers * self.kv_heads * self.head_dim * bytes_per_value
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    source_id: str
+    config: Any
+    family: Family
+    spec: ModelSpec
+    config_sha256: str
+    weight_files: list[Path]
+    weights: WeightSource = field(repr=False)
+
+
+class WeightSource:
+    """Lazy, name-addressed access to a checkpoint's tensors as float32 numpy arrays."""
+
+    def __init__(self, files: list[Path], pickle_ok: bool = False) -> None:
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._pickled: dict[str, Any] = {}
+        for f in files:
+            if f.suffix == ".safetensors":
+                self._index_safetensors(f)
+            elif pickle_ok:
+                self._load_pickle(f)
+
+    def _index_safetensors(self, f: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 - safetensors 0.8 safe_open is not iterable
+                    self._where[name] = f
+                    self._shapes[name] = tuple(st.get_slice(name).get_shape())
+        except Exception as e:  # safetensors raises several types for a damaged header
+            # safetensors checks the header and that its offsets cover the file exactly, so a truncated
+            # or padded file fails here, up front, not halfway through the export
+            raise EdgekitError(
+                f"cannot read weights {f.name} (damaged or truncated?): {str(e).splitlines()[0][:200]}"
+            ) from e
+
+    def _load_pickle(self, f: Path) -> None:
+        import torch
+
+        try:
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says it
+                warnings.simplefilter("ignore")
+                try:
+                    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    # pre-zip (legacy) torch files cannot be memory-mapped; still the weights-only unpickler
+                    state = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's text suggests retrying with weights_only=False, which is exactly what must not happen
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            raise EdgekitError(
+                f"refusing {f.name}: it holds {found.group(1) if found else 'objects'} besides tensors, which only a "
+                "full unpickler would create (and that can run code); convert it to safetensors where you trust it"
+            ) from e
+        except Exception as e:
+            raise EdgekitError(
+                f"cannot read weights {f.name} with torch's weights-only loader: {str(e).splitlines()[0][:200]}"
+            ) from e
+        if not isinstance(state, dict) or not all(hasattr(t, "shape") for t in state.values()):
+            raise EdgekitError(f"{f.name} is not a state dict of tensors")
+        for name, t in state.items():
+            self._pickled[name] = t
+            self._shapes[name] = tuple(t.shape)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def get(self, name: str) -> np.ndarray:
+        import torch
+
+        if name in self._pickled:
+            return self._pickled[name].to(torch.float32).numpy()
+        if name not in self._where:
+            raise EdgekitError(f"weights: tensor {name} is missing from the checkpoint")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(self._where[name], framework="pt") as st:
+                return st.get_tensor(name).to(torch.float32).numpy()
+        except EdgekitError:
+            raise
+        except Exception as e:
+            raise EdgekitError(f"cannot read tensor {name} from {self._where[name].name}: {e}") from e
+
+
+def _read_config(path: Path, trust_remote_code: bool) -> tuple[Any, str]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise EdgekitError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    raw = cfg_file.read_bytes()
+    try:
+        cfg_json = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise EdgekitError(f"{cfg_file} is not valid JSON: {e}") from e
+    if not isinstance(cfg_json, dict):
+        raise EdgekitError(f"{cfg_file} does not hold a JSON object")
+    if "auto_map" in cfg_json and not trust_remote_code:
+        raise EdgekitError(
+            f"{path.name} asks to run its own Python code (auto_map in config.json); edgekit refuses by default. "
+            "Pass --trust-remote-code only if you trust its author"
+        )
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise EdgekitError(f"cannot read {cfg_file}: {str(e).splitlines()[0]}") from e
+    return config, hashlib.sha256(raw).hexdigest()
+
+
+def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        return safetensors
+    pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt")) + sorted(path.glob("*.pth"))
+    pickles = [p for p in pickles if not p.name.startswith("training_args")]
+    if pickles and not allow_pickle:
+        raise EdgekitError(
+            f"{path.name} has only pickle weights ({pickles[0].name}), which can run code when loaded; convert "
+            "them to safetensors or pass --allow-pickle to load them with torch's weights-only loader"
+        )
+    if not pickles:
+        raise EdgekitError(f"{path} has a config.json but no weights (*.safetensors)")
+    return pickles
+
+
+def _expected_shapes(spec: ModelSpec, family: Family) -> Iterator[tuple[str, tuple[int, ...]]]:
+    # A generator, so a config claiming 10**9 layers fails at the first missing tensor instead of
+    # building a table of billions of names first.
+    n = family.names
+    q_out, kv_out = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    yield n.embed, (spec.vocab, spec.hidden)
+    yield n.final_norm, (spec.hidden,)
+    if not spec.tie_embeddings:
+        yield n.lm_head, (spec.vocab, spec.hidden)
+    for i in range(spec.num_layers):
+        f = {"i": i, "p": "weight"}
+        yield n.input_norm.format(**f), (spec.hidden,)
+        yield n.q.format(**f), (q_out, spec.hidden)
+        yield n.k.format(**f), (kv_out, spec.hidden)
+        yield n.v.format(**f), (kv_out, spec.hidden)
+        yield n.o.format(**f), (spec.hidden, q_out)
+        yield n.post_norm.format(**f), (spec.hidden,)
+        yield n.gate.format(**f), (spec.intermediate, spec.hidden)
+        yield n.up.format(**f), (spec.intermediate, spec.hidden)
+        yield n.down.format(**f), (spec.hidden, spec.intermediate)
+
+
+_SPEC_FIELDS = {  # ModelSpec field → the config.json key a user would look for; (minimum)
+    "num_layers": ("num_hidden_layers", 1),
+    "hidden": ("hidden_size", 1),
+    "intermediate": ("intermediate_size", 1),
+    "heads": ("num_attention_heads", 1),
+    "kv_heads": ("num_key_value_heads", 1),
+    "head_dim": ("head_dim", 1),
+    "vocab": ("vocab_size", 1),
+    "max_context": ("max_position_embeddings", 2),
+}
+
+
+def _check_spec(spec: ModelSpec) -> ModelSpec:
+    """A stranger's config can say anything; sizes must be whole numbers in range before any arithmetic."""
+    for name, (key, minimum) in _SPEC_FIELDS.items():
+        v = getattr(spec, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise EdgekitError(f"config.json: {key} must be a whole number of at least {minimum}, not {v!r:.40}")
+    if spec.heads % spec.kv_heads:
+        raise EdgekitError(f"config.json: {spec.heads} attention heads do not divide into {spec.kv_heads} KV heads")
+    return spec
+
+
+def _check_shapes(weights: WeightSource, spec: ModelSpec, family: Family) -> None:
+    for name, shape in _expected_shapes(spec, family):
+        if name not in weights:
+            raise EdgekitError(f"weights: {name} is missing from the checkpoint")
+        if weights.shape(name) != shape:
+            raise EdgekitError(
+                f"weights: {name} has shape {list(weights.shape(name))} but the config implies {list(shape)}"
+            )
+
+
+def open_checkpoint(
+    path: Path, source_id: str, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> Checkpoint:
+    config, config_sha = _read_config(path, trust_remote_code)
+    family = family_for(config)
+    check_supported(config, family)
+    spec = _check_spec(ModelSpec.from_config(config, family))
+    files = _weight_files(path, allow_pickle)
+    weights = WeightSource(files, pickle_ok=allow_pickle)
+    _check_shapes(weights, spec, family)
+    return Checkpoint(path, source_id, config, family, spec, config_sha, files, weights)
+
+
+def load_torch_model(ckpt: Checkpoint) -> Any:
+    """The full PyTorch model in float32, for verification and evaluation (not for export)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ckpt.path,
+            dtype=torch.float32,
+            local_files_only=True,
+            use_safetensors=ckpt.weight_files[0].suffix == ".safetensors",
+        )
+    except Exception as e:
+        raise EdgekitError(f"cannot load {ckpt.source_id} in PyTorch: {str(e).splitlines()[0]}") from e
+    return model.eval()
+
+
+def rotary_tables(ckpt: Checkpoint, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables [length, head_dim/2] exactly as transformers computes them, scaling included."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    # Llama's rotary module reads the family-neutral `rope_parameters`, so it serves every family here.
+    rotary = LlamaRotaryEmbedding(ckpt.config)
+    freqs = torch.arange(length, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None, :]
+    scaling = rotary.attention_scaling
+    return (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()

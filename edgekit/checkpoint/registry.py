@@ -1,0 +1,57 @@
+"""The model aliases edgekit knows (`edgekit models`).
+
+An alias is only a short name for a Hugging Face hub id plus a line of description; resolving it to
+files on disk is `resolve.py`'s job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit import DATA_DIR
+
+EMBEDDED_MODELS_DIR = DATA_DIR
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    name: str
+    hub_id: str
+    description: str
+    layers: int
+    params: str
+    embedded_dir: str | None = None  # folder under edgekit/data when the model ships with edgekit
+
+    @property
+    def embedded_path(self) -> Path | None:
+        return EMBEDDED_MODELS_DIR / self.embedded_dir if self.embedded_dir else None
+
+
+ALIASES: dict[str, ModelAlias] = {
+    a.name: a
+    for a in [
+        ModelAlias(
+            "stories260k",
+            "karpathy/tinyllamas-stories260K",
+            "llama2.c TinyStories model, embedded in edgekit (no download)",
+            5,
+            "260K",
+            embedded_dir="stories260k",
+        ),
+        ModelAlias(
+            "tinyllama-1.1b", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "TinyLlama 1.1B chat (GQA 32/4)", 22, "1.1B"
+        ),
+        ModelAlias("llama2-7b", "meta-llama/Llama-2-7b-hf", "Llama 2 7B base (gated on the hub)", 32, "6.7B"),
+        ModelAlias("llama2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", "Llama 2 7B chat (gated)", 32, "6.7B"),
+        ModelAlias("llama2-13b", "meta-llama/Llama-2-13b-hf", "Llama 2 13B base (gated)", 40, "13B"),
+        ModelAlias("llama3.2-1b", "meta-llama/Llama-3.2-1B", "Llama 3.2 1B base (gated)", 16, "1.2B"),
+        ModelAlias("llama3.2-3b", "meta-llama/Llama-3.2-3B", "Llama 3.2 3B base (gated)", 28, "3.2B"),
+        ModelAlias("llama3.1-8b", "meta-llama/Llama-3.1-8B", "Llama 3.1 8B base (gated)", 32, "8.0B"),
+        ModelAlias("mistral-7b", "mistralai/Mistral-7B-v0.1", "Mistral 7B v0.1", 32, "7.2B"),
+        ModelAlias("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", "Qwen2.5 0.5B base", 24, "0.5B"),
+        ModelAlias("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B", "Qwen2.5 1.5B base", 28, "1.5B"),
+    ]
+}
+
+DEFAULT_MODEL = "stories260k"

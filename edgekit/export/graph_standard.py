@@ -1,0 +1,273 @@
+"""The "standard" graph flavour: the same decoder and the same contract as `graph.py`, in plain ONNX ops.
+
+Mobile execution providers (XNNPACK, NNAPI, CoreML, QNN) do not run onnxruntime's com.microsoft contrib
+ops (GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization), so for them every piece is
+spelled out:
+
+    RMSNorm       Pow → ReduceMean → Add(eps) → Sqrt → Div → Mul(gamma), in float32 even for fp16 graphs
+                  (squares of residual values overflow fp16)
+    rotary        positions = CumSum(attention_mask) - 1 (so left padding works), Gather of cos/sin rows,
+                  x·cos + rotate_half(x)·sin with Slice/Neg/Concat
+    attention     present = Concat(past, new) along the sequence; GQA by Tile-ing K/V heads; MatMul,
+                  additive causal + padding mask built from attention_mask, Softmax in float32, MatMul
+    weights       fp32/fp16 as they are; int8 as per-output-channel symmetric int8 + DequantizeLinear →
+                  MatMul (the QDQ form mobile EPs and onnxruntime's QDQ fusions recognise)
+
+Inputs, outputs and KV layout are `GraphContract`'s. The one difference: head_dim is not padded here (the
+padding exists only for GroupQueryAttention's CPU kernel); the manifest records the graph's head_dim.
+The mask adds a large finite negative rather than -inf, so fully padded rows stay finite (no NaN can
+leak into the KV cache of a fixed-shape, left-padded buffer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekit.checkpoint.load import Checkpoint, rotary_tables
+from edgekit.errors import EdgekitError
+from edgekit.export.graph import OPSET, GraphContract, GraphWriter, TensorSink, write_model
+from edgekit.export.quantize import QuantConfig, per_channel_int8
+from edgekit.skip.skipset import SkipSet
+
+MASK_VALUE = {TensorProto.FLOAT: -1e9, TensorProto.FLOAT16: -3e4}
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class _Builder:
+    def __init__(self, g: GraphWriter, quant: QuantConfig, fdt: int) -> None:
+        self.g, self.quant, self.fdt = g, quant, fdt
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
+        return self.g.op(op_type, inputs, name=name, **attrs)[0]
+
+    def i64(self, name: str, values: list[int] | int) -> str:
+        # not GraphWriter.const: its np.ascontiguousarray turns a 0-d scalar into shape [1]
+        self.g.sink.add(numpy_helper.from_array(np.array(values, np.int64), name))
+        return name
+
+    def linear(self, x: str, weight: np.ndarray, name: str, role: str, bias: np.ndarray | None = None) -> str:
+        """y = x @ weight.T (+ bias); weight in Hugging Face [out, in] layout."""
+        bits = self.quant.bits_for(role)
+        w = weight.T  # [in, out]
+        if bits is None:
+            w_name = self.g.float_const(f"{name}.weight", w)
+        elif bits == 8:
+            q, scale = per_channel_int8(w)
+            q_name = self.g.const(f"{name}.weight_quantized", q)
+            s_name = self.g.float_const(f"{name}.weight_scale", scale)
+            w_name = self.op("DequantizeLinear", [q_name, s_name], f"{name}/DequantizeLinear", axis=1)
+        else:
+            raise EdgekitError(f"the standard graph has no {bits}-bit weights; use --quant int8, fp16 or fp32")
+        out = self.op("MatMul", [x, w_name], f"{name}/MatMul")
+        if bias is not None:
+            out = self.op("Add", [out, self.g.float_const(f"{name}.bias", bias)], f"{name}/Add")
+        return out
+
+    def rms_norm(self, x: str, gamma: np.ndarray, eps: float, label: str) -> str:
+        if self.fdt != TensorProto.FLOAT:
+            x = self.op("Cast", [x], f"{label}/cast_in", to=TensorProto.FLOAT)
+        sq = self.op("Pow", [x, self.g.const("two_f32", np.array(2.0, np.float32))], f"{label}/Pow")
+        mean = self.op("ReduceMean", [sq, self.i64("axes_last", [-1])], f"{label}/ReduceMean", keepdims=1)
+        var = self.op("Add", [mean, self.g.const(f"{label}.eps", np.array(eps, np.float32))], f"{label}/Add")
+        std = self.op("Sqrt", [var], f"{label}/Sqrt")
+        normed = self.op("Div", [x, std], f"{label}/Div")
+        if self.fdt != TensorProto.FLOAT:
+            normed = self.op("Cast", [normed], f"{label}/cast_out", to=self.fdt)
+        return self.op("Mul", [normed, self.g.float_const(f"{label}.weight", gamma)], f"{label}/Mul")
+
+    def heads(self, x: str, n: int, hd: int, label: str) -> str:
+        """[B, S, n*hd] → [B, n, S, hd]"""
+        r = self.op("Reshape", [x, self.i64(f"shape_heads_{n}_{hd}", [0, 0, n, hd])], f"{label}/Reshape")
+        return self.op("Transpose", [r], f"{label}/Transpose", perm=[0, 2, 1, 3])
+
+    def rotary(self, x: str, cos: str, sin: str, hd: int, label: str) -> str:
+        half = hd // 2
+        lo = self.op(
+            "Slice", [x, self.i64("zero", [0]), self.i64("half", [half]), self.i64("axis3", [3])], f"{label}/lo"
+        )
+        hi = self.op(
+            "Slice",
+            [x, self.i64("half", [half]), self.i64("int64_max", [INT64_MAX]), self.i64("axis3", [3])],
+            f"{label}/hi",
+        )
+        rot = self.op("Concat", [self.op("Neg", [hi], f"{label}/Neg"), lo], f"{label}/Concat", axis=-1)
+        return self.op(
+            "Add",
+            [self.op("Mul", [x, cos], f"{label}/Mul_cos"), self.op("Mul", [rot, sin], f"{label}/Mul_sin")],
+            f"{label}/Add",
+        )
+
+
+def build_standard_decoder(
+    ckpt: Checkpoint,
+    skip: SkipSet,
+    quant: QuantConfig,
+    model_path: Path,
+    max_context: int | None = None,
+    on_layer: Callable[[int], None] | None = None,
+) -> tuple[GraphContract, str | None]:
+    """Write `model_path` in plain ONNX ops. Same signature and contract as `graph.build_decoder`."""
+    if quant.mode == "int4" or quant.bits_for("lm_head") == 4:
+        raise EdgekitError(
+            "the standard graph (mobile EPs) has no int4 weights; use --quant int8, fp16 or fp32 with it"
+        )
+    spec, names, w = ckpt.spec, ckpt.family.names, ckpt.weights
+    fdt = TensorProto.FLOAT16 if quant.mode == "fp16" else TensorProto.FLOAT
+    sink = TensorSink(model_path.with_name(model_path.name + ".data"))
+    g = GraphWriter(sink, quant)
+    b = _Builder(g, quant, fdt)
+    hd, n_rep = spec.head_dim, spec.heads // spec.kv_heads
+    if quant.int8_kernel == "dynamic":
+        raise EdgekitError("--int8-kernel dynamic needs the fused flavour (its int8 MatMuls are contrib ops)")
+    contract = GraphContract(skip.kept, spec.kv_heads, hd, "float16" if quant.mode == "fp16" else "float32")
+    context = max_context or spec.max_context
+
+    try:
+        residual = b.op("Gather", [g.float_const("embed_tokens.weight", w.get(names.embed)), "input_ids"], "/embed")
+
+        # Shared per step: positions, cos/sin rows, and the additive mask [B, 1, S, T].
+        seq = b.op("Gather", [b.op("Shape", ["input_ids"], "/pos/shape_ids"), b.i64("idx_1", 1)], "/pos/seq_len")
+        total = b.op(
+            "Gather", [b.op("Shape", ["attention_mask"], "/pos/shape_mask"), b.i64("idx_1", 1)], "/pos/total_len"
+        )
+        past = b.op("Sub", [total, seq], "/pos/past_len")
+        cums = b.op("CumSum", ["attention_mask", b.i64("axis_1", 1)], "/pos/CumSum")
+        pos_all = b.op("Max", [b.op("Sub", [cums, b.i64("one", 1)], "/pos/Sub"), b.i64("zero_s", 0)], "/pos/Max")
+        neg_seq = b.op("Unsqueeze", [b.op("Neg", [seq], "/pos/Neg"), b.i64("axes_0", [0])], "/pos/neg_seq")
+        positions = b.op(
+            "Slice", [pos_all, neg_seq, b.i64("int64_max", [INT64_MAX]), b.i64("axes_1", [1])], "/pos/Slice"
+        )
+        cos_t, sin_t = rotary_tables(ckpt, context)
+        cos_full = g.float_const("cos_cache", np.concatenate([cos_t, cos_t], axis=1))
+        sin_full = g.float_const("sin_cache", np.concatenate([sin_t, sin_t], axis=1))
+        cos = b.op("Unsqueeze", [b.op("Gather", [cos_full, positions], "/rotary/cos"), b.i64("axes_1", [1])], "/cos")
+        sin = b.op("Unsqueeze", [b.op("Gather", [sin_full, positions], "/rotary/sin"), b.i64("axes_1", [1])], "/sin")
+
+        kpos = b.op("Range", [b.i64("zero_s", 0), total, b.i64("one", 1)], "/mask/kpos")
+        qpos = b.op(
+            "Unsqueeze",
+            [
+                b.op(
+                    "Add",
+                    [b.op("Range", [b.i64("zero_s", 0), seq, b.i64("one", 1)], "/mask/qrange"), past],
+                    "/mask/qpos_flat",
+                ),
+                b.i64("axes_last", [-1]),
+            ],
+            "/mask/qpos",
+        )  # [S, 1]
+        allowed = b.op("LessOrEqual", [kpos, qpos], "/mask/causal")  # [S, T]
+        if spec.sliding_window and spec.sliding_window < context:
+            lo = b.op("Sub", [qpos, b.i64("window", spec.sliding_window)], "/mask/window_lo")
+            allowed = b.op("And", [allowed, b.op("Greater", [kpos, lo], "/mask/window")], "/mask/and_window")
+        pad = b.op("Cast", ["attention_mask"], "/mask/pad_bool", to=TensorProto.BOOL)
+        pad = b.op("Unsqueeze", [pad, b.i64("axes_1_2", [1, 2])], "/mask/pad")  # [B, 1, 1, T]
+        allowed = b.op("And", [allowed, pad], "/mask/allowed")  # [B, 1, S, T]
+        mask = b.op(
+            "Where",
+            [
+                allowed,
+                g.const("mask_zero", np.array(0.0, np.float32)),
+                g.const("mask_min", np.array(MASK_VALUE[TensorProto.FLOAT], np.float32)),
+            ],
+            "/mask/additive",
+        )
+
+        for i in range(spec.num_layers):
+            p = f"/model/layers.{i}"
+            slot = skip.kv_slot(i)
+            if slot is not None:
+                x = b.rms_norm(residual, w.get(names.input_norm.format(i=i)), spec.rms_eps, f"{p}/input_layernorm")
+                proj = {}
+                for key, n_heads, wn in (
+                    ("q", spec.heads, names.q),
+                    ("k", spec.kv_heads, names.k),
+                    ("v", spec.kv_heads, names.v),
+                ):
+                    bias = w.get(wn.format(i=i, p="bias")) if ckpt.family.qkv_bias else None
+                    y = b.linear(x, w.get(wn.format(i=i, p="weight")), f"{p}/attn/{key}_proj", "attn", bias)
+                    proj[key] = b.heads(y, n_heads, hd, f"{p}/attn/{key}_heads")
+                q = b.rotary(proj["q"], cos, sin, hd, f"{p}/attn/q_rotary")
+                k = b.rotary(proj["k"], cos, sin, hd, f"{p}/attn/k_rotary")
+                k_all = g.op("Concat", [f"past_key_values.{slot}.key", k], name=f"{p}/attn/k_concat", axis=2)[0]
+                v_all = g.op("Concat", [f"past_key_values.{slot}.value", proj["v"]], name=f"{p}/attn/v_concat", axis=2)[
+                    0
+                ]
+                g.nodes.append(helper.make_node("Identity", [k_all], [f"present.{slot}.key"], name=f"{p}/present_k"))
+                g.nodes.append(helper.make_node("Identity", [v_all], [f"present.{slot}.value"], name=f"{p}/present_v"))
+                if n_rep > 1:  # repeat each KV head n_rep times: [B, kv, T, hd] → [B, heads, T, hd]
+                    reps = b.i64("tile_reps", [1, 1, n_rep, 1, 1])
+                    shape = b.i64("shape_rep", [0, spec.heads, -1, hd])
+                    k_all, v_all = (
+                        b.op(
+                            "Reshape",
+                            [
+                                b.op(
+                                    "Tile",
+                                    [b.op("Unsqueeze", [t, b.i64("axes_2", [2])], f"{p}/attn/{n}_unsq"), reps],
+                                    f"{p}/attn/{n}_tile",
+                                ),
+                                shape,
+                            ],
+                            f"{p}/attn/{n}_rep",
+                        )
+                        for n, t in (("k", k_all), ("v", v_all))
+                    )
+                q = b.op("Mul", [q, g.float_const("attn_scale", np.array(1.0 / math.sqrt(hd)))], f"{p}/attn/scale")
+                kt = b.op("Transpose", [k_all], f"{p}/attn/k_T", perm=[0, 1, 3, 2])
+                scores = b.op("MatMul", [q, kt], f"{p}/attn/scores")
+                if fdt != TensorProto.FLOAT:
+                    scores = b.op("Cast", [scores], f"{p}/attn/scores_f32", to=TensorProto.FLOAT)
+                probs = b.op("Softmax", [b.op("Add", [scores, mask], f"{p}/attn/mask")], f"{p}/attn/Softmax", axis=-1)
+                if fdt != TensorProto.FLOAT:
+                    probs = b.op("Cast", [probs], f"{p}/attn/probs_cast", to=fdt)
+                ctx = b.op("MatMul", [probs, v_all], f"{p}/attn/context")
+                ctx = b.op("Transpose", [ctx], f"{p}/attn/context_T", perm=[0, 2, 1, 3])
+                ctx = b.op("Reshape", [ctx, b.i64("shape_merge", [0, 0, -1])], f"{p}/attn/context_merge")
+                o = b.linear(ctx, w.get(names.o.format(i=i)), f"{p}/attn/o_proj", "attn")
+                residual = b.op("Add", [residual, o], f"{p}/attn/residual")
+            x = b.rms_norm(residual, w.get(names.post_norm.format(i=i)), spec.rms_eps, f"{p}/post_attention_layernorm")
+            gate = b.linear(x, w.get(names.gate.format(i=i)), f"{p}/mlp/gate_proj", "mlp")
+            up = b.linear(x, w.get(names.up.format(i=i)), f"{p}/mlp/up_proj", "mlp")
+            silu = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/mlp/Sigmoid")], f"{p}/mlp/SiLU")
+            down = b.linear(
+                b.op("Mul", [silu, up], f"{p}/mlp/Mul"), w.get(names.down.format(i=i)), f"{p}/mlp/down_proj", "mlp"
+            )
+            residual = b.op("Add", [residual, down], f"{p}/mlp/residual")
+            if on_layer:
+                on_layer(i)
+
+        x = b.rms_norm(residual, w.get(names.final_norm), spec.rms_eps, "/model/norm")
+        lm_head = w.get(names.embed) if spec.tie_embeddings else w.get(names.lm_head)
+        logits = b.linear(x, lm_head, "/lm_head", "lm_head")
+        if fdt != TensorProto.FLOAT:
+            logits = b.op("Cast", [logits], "/lm_head/cast", to=TensorProto.FLOAT)
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
+    finally:
+        sink.close()
+
+    return contract, write_model(
+        g.nodes,
+        sink,
+        contract,
+        spec.vocab,
+        fdt,
+        model_path,
+        "edgekit_decoder_standard",
+        [("", OPSET)],
+        initializers=_dedupe(sink.tensors),
+    )
+
+
+def _dedupe(tensors: list[onnx.TensorProto]) -> list[onnx.TensorProto]:
+    """Small shared constants (axes, shapes) are added once per use; keep the first of each name."""
+    seen: dict[str, onnx.TensorProto] = {}
+    for t in tensors:
+        seen.setdefault(t.name, t)
+    return list(seen.values())

@@ -1,0 +1,320 @@
+"""The export pipeline: resolve → open → choose skip set → build graph (quantizing as it goes) →
+verify against PyTorch → bundle. Each step is a plain function; this module only sequences them."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgekit import __version__
+from edgekit.bundle.folder import SCHEMA_VERSION, bundle_writer, write_manifest
+from edgekit.checkpoint.load import Checkpoint, load_torch_model, open_checkpoint
+from edgekit.checkpoint.resolve import ResolvedModel, resolve_model
+from edgekit.errors import EdgekitError
+from edgekit.export.device import add_target, finish_target, plan_target, recipe_context
+from edgekit.export.graph import build_decoder
+from edgekit.export.graph_standard import build_standard_decoder
+from edgekit.export.memory import RssWatch, plan_export_memory
+from edgekit.export.quantize import QuantConfig
+from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, verify
+from edgekit.quality.analyze import select_skip
+from edgekit.skip.skipset import SkipSet
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "config.json",
+)
+
+
+@dataclass
+class ExportRequest:
+    model: str
+    skip: int | str | None = None  # N (last N) or "auto:N"
+    skip_layers: str | None = None  # "20,24-31"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    output: Path | None = None
+    force: bool = False
+    verify: bool = True
+    verify_text: Path | None = DEFAULT_TEXT
+    max_context: int | None = None
+    allow_download: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    command: str = ""
+    progress: bool = False
+    calib: Path | None = None  # calibration text; ranks layers for auto:N [default: shipped TinyStories]
+    max_ppl_increase: float | None = None  # quality gate: bundle ppl on calib vs unskipped fp32, relative
+    calib_tokens: int = 16384  # tokens of the calibration text the quality gate scores
+    flavour: str = "fused"  # "standard": plain ONNX ops for mobile EPs (graph_standard.py)
+    recipe: Any = None  # edgekit.targets.recipes.Recipe: memory budget, providers, .ort, fixed shapes (targets.py)
+    device_memory_gb: float | None = None  # memory budget without a recipe (overrides the recipe's)
+    max_memory: int | None = None  # bytes the export process may use (--max-memory); None: 80% of free RAM
+    verify_method: str = "auto"  # "full" (fp32 PyTorch model) | "streaming" (layer by layer) | "auto"
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    manifest: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def default_output(resolved: ResolvedModel, skip: SkipSet, quant: QuantConfig) -> Path:
+    name = resolved.source_id.rstrip("/").split("/")[-1].lower() or "model"
+    return Path("out") / f"{name}-skip{len(skip.skipped)}-{quant.mode}"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "edgekit": __version__}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:
+        raise EdgekitError(
+            f"{src} has no tokenizer.json; edgekit's runtime reads only the fast-tokenizer format "
+            "(save one with transformers' AutoTokenizer.save_pretrained)"
+        )
+    return copied
+
+
+def export(req: ExportRequest) -> ExportResult:
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    resolved = resolve_model(req.model, allow_download=req.allow_download)
+    ckpt = open_checkpoint(resolved.path, resolved.source_id, req.trust_remote_code, req.allow_pickle)
+    skip = select_skip(ckpt, req.skip, req.skip_layers, req.calib)
+    context = recipe_context(req, ckpt.spec.max_context)
+    if context < 2 or context > ckpt.spec.max_context:
+        raise EdgekitError(f"--max-context {context}: must be between 2 and the model's {ckpt.spec.max_context}")
+    target = req.output or default_output(resolved, skip, req.quant)
+    memory = plan_target(req, ckpt, skip, context)  # refuses what the device's memory cannot hold
+    export_memory = plan_export_memory(  # refuses what this machine's budget cannot hold, before writing
+        ckpt.spec, skip, req.quant, memory.weights_bytes, req.max_memory, req.verify, req.verify_method
+    )
+    seconds["load"] = time.perf_counter() - t0
+
+    with bundle_writer(target, req.force) as tmp, RssWatch(req.max_memory) as rss:
+        t = time.perf_counter()
+        progress = _progress(ckpt.spec.num_layers, "export", req.progress)
+
+        def on_layer(i: int) -> None:
+            progress.update(1)
+            rss.check(f"layer {i}")
+
+        try:
+            build = build_standard_decoder if req.flavour == "standard" else build_decoder
+            contract, data_file = build(ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=on_layer)
+        finally:
+            progress.close()
+        rss.phase_done("build")
+        seconds["build"] = time.perf_counter() - t
+        tokenizer_files = _copy_tokenizer(ckpt.path, tmp)
+
+        report: VerifyReport | None = None
+        if req.verify:
+            t = time.perf_counter()
+            report = _verify(ckpt, skip, tmp, req, context, export_memory.verify_method)
+            seconds["verify"] = time.perf_counter() - t
+            rss.phase_done("verify")
+            if not report.passed:
+                raise EdgekitError(
+                    f"verification failed: max |Δlogit| {report.max_abs_logit_diff:.3g} > tolerance "
+                    f"{report.tolerance:.3g} (top-1 agreement {report.top1_agreement:.3f}); no bundle written"
+                )
+        # The gate's reference is the unskipped fp32 model: stream it when the memory plan says it won't fit.
+        stream = (
+            export_memory.verify_method == "streaming" or export_memory.full_verify_bytes > export_memory.budget_bytes
+        )
+        quality = _quality_gate(req, ckpt, skip, tmp, context, seconds, stream)
+        model_bytes = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
+        device_files = finish_target(tmp, req, ckpt, skip, contract, context)  # genai_config, .ort, fixed shapes
+        seconds["total"] = time.perf_counter() - t0
+        manifest = write_manifest(
+            tmp,
+            add_target(
+                _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
+                | ({"quality": quality} if quality else {})
+                | {
+                    "export_memory": export_memory.to_manifest()
+                    | {"peak_rss_bytes": rss.peak, "phase_peak_rss_bytes": rss.phases}
+                },
+                req,
+                contract,
+                memory,
+                device_files,
+                model_bytes,
+            ),
+        )
+    return ExportResult(target, manifest, seconds)
+
+
+def _quality_gate(
+    req: ExportRequest,
+    ckpt: Checkpoint,
+    skip: SkipSet,
+    folder: Path,
+    context: int,
+    seconds: dict[str, float],
+    streaming: bool = False,
+) -> dict[str, Any] | None:
+    """Raises (so bundle_writer removes the folder) when the bundle's perplexity breaks the bound."""
+    if req.max_ppl_increase is None:
+        return None
+    from edgekit.quality.gate import quality_gate
+
+    t = time.perf_counter()
+    q = quality_gate(
+        ckpt,
+        list(skip.skipped),
+        folder,
+        req.calib or DEFAULT_TEXT,
+        req.max_ppl_increase,
+        context,
+        req.quant.mode,
+        max_tokens=req.calib_tokens,
+        streaming=streaming,
+    )
+    seconds["quality"] = time.perf_counter() - t
+    if not q.passed:
+        raise EdgekitError(
+            f"quality gate failed: bundle perplexity {q.ppl_bundle:.3f} is {q.increase:+.1%} over the unskipped fp32 "
+            f"model's {q.ppl_reference:.3f} on {q.tokens} tokens of {q.text} (bound {q.max_increase:+.1%}); "
+            "no bundle written"
+        )
+    return q.to_dict()
+
+
+def _verify(
+    ckpt: Checkpoint, skip: SkipSet, folder: Path, req: ExportRequest, context: int, method: str = "full"
+) -> VerifyReport:
+    from tokenizers import Tokenizer
+
+    from edgekit.skip.surgery import apply_skip
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if method == "streaming":  # the fp32 model does not fit the memory budget: one layer at a time
+        from edgekit.export.verify_streaming import verify_streaming
+
+        return verify_streaming(
+            folder / "model.onnx",
+            ckpt,
+            skip,
+            lambda s: tokenizer.encode(s).ids,
+            req.quant.mode,
+            req.verify_text,
+            context=min(context, 512),
+        )
+    model = apply_skip(load_torch_model(ckpt), skip)
+    return verify(
+        folder / "model.onnx",
+        model,
+        lambda s: tokenizer.encode(s).ids,
+        req.quant.mode,
+        req.verify_text,
+        context=min(context, 512),
+    )
+
+
+def _manifest(
+    req: ExportRequest,
+    resolved: ResolvedModel,
+    ckpt: Checkpoint,
+    skip: SkipSet,
+    contract: Any,
+    data_file: str | None,
+    context: int,
+    tokenizer_files: list[str],
+    report: VerifyReport | None,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    spec = ckpt.spec
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": resolved.source_id, "family": ckpt.family.name},
+        "source": {
+            "id": resolved.source_id,
+            "resolved_from": resolved.how,
+            "config_sha256": ckpt.config_sha256,
+            "architecture": (getattr(ckpt.config, "architectures", None) or ["?"])[0],
+            "model_type": ckpt.config.model_type,
+        },
+        "architecture": {
+            "num_layers": spec.num_layers,
+            "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "head_dim": spec.head_dim,
+            "vocab_size": spec.vocab,
+            "max_context": context,
+            "tie_word_embeddings": spec.tie_embeddings,
+            "bos_token_id": spec.bos_token_id,
+            "eos_token_ids": list(spec.eos_token_ids),
+        },
+        "skip": {
+            "rule": skip.rule,
+            "skipped": list(skip.skipped),
+            "kept": list(skip.kept),
+            "attention_layers": len(skip.kept),
+            **({"ranking": skip.ranking} if skip.ranking else {}),
+        },
+        "graph": {
+            "file": "model.onnx",
+            "external_data": data_file,
+            "flavour": "fused",
+            "opset": 21,
+            "contrib_ops": [
+                "GroupQueryAttention",
+                "SkipSimplifiedLayerNormalization",
+                "MatMulNBits",
+                "GatherBlockQuantized",
+            ],
+            **contract.to_manifest(),
+            "kv_bytes_per_token": 2
+            * len(skip.kept)
+            * contract.kv_heads
+            * contract.head_dim
+            * (2 if contract.kv_dtype == "float16" else 4),
+        },
+        "quantization": req.quant.to_manifest(),
+        "tokenizer": {"files": tokenizer_files},
+        "verification": report.to_dict() if report else None,
+        "packages": package_versions(),
+        "command": req.command or " ".join(sys.argv),
+        "timings_s": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+class _NoProgress:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False)

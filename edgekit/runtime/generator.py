@@ -1,0 +1,360 @@
+"""Run a bundle: a small generation engine on onnxruntime + tokenizers + numpy, nothing else.
+
+This module (and everything it imports) must never import torch or transformers: it is what an app on
+a phone or a board embeds. A test checks `sys.modules` after generating.
+
+The KV cache costs no copies between steps. Each kept layer's key and value live in one buffer of
+shape [1, kv_heads, capacity, head_dim], bound with onnxruntime IO binding as both the graph's
+`past_key_values.{j}` input and its `present.{j}` output. GroupQueryAttention sees the same pointer on
+both sides, switches to its shared-buffer mode and writes only the new positions in place; the number
+of valid positions comes from `attention_mask` (its length is the current total, its sum - 1 the
+`seqlens_k`). The buffer is allocated once per session (grown only if a later call needs more), never
+per step.
+
+    from edgekit.runtime.generator import GenerationConfig, Generator
+
+    gen = Generator("out/stories260k-skip2-int4")
+    for token in gen.stream("Once upon a time", GenerationConfig(max_new_tokens=64, temperature=0.8, seed=1)):
+        print(token.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgekit.bundle.folder import Bundle, open_bundle
+from edgekit.errors import EdgekitError
+from edgekit.runtime.providers import RuntimeOptions, create_session
+
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_CAPACITY_STEP = 256  # grow the KV buffers in these steps, so similar calls reuse them
+_KEEP_LAST, _KEEP_ALL = np.array([1], np.int64), np.array([0], np.int64)  # `logits_to_keep` values
+_DEVICE_BUFFERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+
+class KVEngine:
+    """One sequence's forward steps over a shared past/present KV buffer (batch 1)."""
+
+    def __init__(self, session: ort.InferenceSession, capacity: int = 0, shared: bool = True) -> None:
+        self.session = session
+        # The standard graph flavour (graph_standard.py) concatenates past and new keys, so its present is a
+        # new tensor one step longer: it cannot share a buffer; its past is fed as a copy and present copied back.
+        self.shared = shared
+        ins = {i.name: i for i in session.get_inputs()}
+        self.past_names = [n for n in ins if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        if self.past_names:
+            first = ins[self.past_names[0]]
+            self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+            self.kv_dtype = _NP_DTYPES[first.type]
+        else:  # every layer's attention removed: no cache at all
+            self.kv_heads, self.head_dim, self.kv_dtype = 0, 0, np.float32
+        self.vocab = int(session.get_outputs()[0].shape[-1])
+        self._device = _DEVICE_BUFFERS.get(session.get_providers()[0], "cpu")
+        self.capacity = 0
+        self.length = 0  # positions already in the cache
+        self._io = session.io_binding()
+        self._buffers: list[Any] = []  # numpy arrays (CPU) or OrtValues (device) that back the bindings
+        self._logits = np.empty((1, 1, self.vocab), np.float32)
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        # Bound first so it is output 0: IO binding returns outputs in the order they were first bound.
+        self._io.bind_ortvalue_output("logits", self._logits_value)
+        self._mask = np.ones((1, 0), np.int64)
+        # Graphs with a `logits_to_keep` input (fused flavour) can skip lm_head for all but the last position.
+        self._can_keep_last = "logits_to_keep" in ins
+        self.reserve(capacity)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by the KV buffers now."""
+        itemsize = np.dtype(self.kv_dtype).itemsize
+        return len(self.past_names) * self.kv_heads * self.capacity * self.head_dim * itemsize
+
+    def reserve(self, capacity: int) -> None:
+        """Make the buffers hold `capacity` positions (allocates only when growing; keeps no old content)."""
+        if capacity <= self.capacity:
+            return
+        self.capacity = capacity
+        self._mask = np.ones((1, capacity), np.int64)
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        self._buffers = []
+        for past, present in zip(self.past_names, self.present_names, strict=True):
+            if self._device == "cpu":
+                array = np.zeros(shape, self.kv_dtype)
+                value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy memory
+                self._buffers.append(array)
+            else:
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self._device, 0)
+                self._buffers.append(value)
+            # The same OrtValue on both sides is what puts GroupQueryAttention in shared-buffer mode.
+            if self.shared:
+                self._io.bind_ortvalue_input(past, value)
+                self._io.bind_ortvalue_output(present, value)
+        self.length = 0
+
+    def reset(self) -> None:
+        """Forget the sequence; the buffers stay (stale positions are never read: the mask bounds them)."""
+        self.length = 0
+
+    def forward(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
+        """Feed `ids` after what is cached; logits [len(ids), vocab], or [1, vocab] for the last position
+        only with `all_logits=False` (what generation needs; the graph then skips the rest of lm_head).
+        A single row is a view of a preallocated output buffer, overwritten by the next step: copy it to keep it."""
+        n = len(ids)
+        total = self.length + n
+        if n == 0:
+            raise EdgekitError("nothing to run: empty input")
+        if total > self.capacity:
+            raise EdgekitError(f"KV cache holds {self.capacity} positions; {total} needed (reserve more)")
+        self._io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        self._io.bind_cpu_input("attention_mask", self._mask[:, :total])
+        one_row = n == 1 or (not all_logits and self._can_keep_last)
+        if self._can_keep_last:
+            self._io.bind_cpu_input("logits_to_keep", _KEEP_LAST if one_row else _KEEP_ALL)
+        if one_row:
+            self._io.bind_ortvalue_output("logits", self._logits_value)
+        else:
+            self._io.bind_output("logits", "cpu")  # onnxruntime allocates [1, n, vocab]
+        if not self.shared:
+            for past, present, buf in zip(self.past_names, self.present_names, self._buffers, strict=True):
+                self._io.bind_cpu_input(past, np.ascontiguousarray(buf[:, :, : self.length]))
+                self._io.bind_output(present, "cpu")
+        self.session.run_with_iobinding(self._io)
+        if not self.shared:  # outputs come back in first-bound order: logits, then the presents
+            for buf, value in zip(self._buffers, self._io.get_outputs()[1:], strict=True):
+                buf[:, :, :total] = value.numpy()
+        self.length = total
+        if one_row:
+            return self._logits[0]
+        logits = self._io.get_outputs()[0].numpy()[0]
+        return logits if all_logits else logits[-1:]
+
+    def kv(self, slot: int, kind: str = "key") -> np.ndarray:
+        """The valid part of one cache slot [1, kv_heads, length, head_dim] (CPU buffers only; a view)."""
+        array = self._buffers[2 * slot + (kind == "value")]
+        if not isinstance(array, np.ndarray):
+            raise EdgekitError("the KV cache lives on the device; it cannot be viewed from numpy")
+        return array[:, :, : self.length]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise EdgekitError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
+        if self.temperature < 0:
+            raise EdgekitError(f"--temperature {self.temperature}: must be 0 (greedy) or positive")
+        if self.top_k < 0:
+            raise EdgekitError(f"--top-k {self.top_k}: must be 0 (off) or positive")
+        if not 0 < self.top_p <= 1:
+            raise EdgekitError(f"--top-p {self.top_p}: must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class Sampler:
+    """Greedy, or temperature → top-k → top-p sampling from one seeded generator."""
+
+    def __init__(self, config: GenerationConfig) -> None:
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        c = self.config
+        if c.greedy:
+            return int(np.argmax(logits))
+        x = logits.astype(np.float64) / c.temperature
+        ids = np.arange(x.shape[0])
+        if 0 < c.top_k < x.shape[0]:
+            ids = np.argpartition(-x, c.top_k - 1)[: c.top_k]
+        order = ids[np.argsort(-x[ids], kind="stable")]
+        p = np.exp(x[order] - x[order[0]])
+        p /= p.sum()
+        if c.top_p < 1.0:
+            # the smallest prefix whose mass reaches top_p (the top token always stays)
+            keep = int(np.searchsorted(np.cumsum(p), c.top_p)) + 1
+            order, p = order[:keep], p[:keep] / p[:keep].sum()
+        return int(order[self.rng.choice(len(order), p=p)])
+
+
+class _Detokenizer:
+    """Incremental text: emit a token's text only once it decodes to whole characters.
+
+    Decoding token by token breaks byte-fallback characters and drops sentencepiece's leading spaces,
+    so each step decodes a short window that starts a few tokens back and emits only the new suffix.
+    """
+
+    def __init__(self, tokenizer: Any, context: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(context[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+@dataclass
+class Token:
+    id: int
+    text: str  # the text this token completes ('' while a multi-byte character is unfinished)
+    seconds: float  # the forward step (and sampling) that produced it; the first includes the prefill
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    pieces: list[str] = field(default_factory=list)  # each token's streamed text; "".join(pieces) == text
+    stop_reason: str = ""  # "eos", "length" or "context"
+    prefill_s: float = 0.0  # prompt forward + first token: the time to first token
+    step_s: list[float] = field(default_factory=list)  # each later token's forward + sampling
+    # The same in CPU time of the whole process (all threads): on a machine shared with other work, the
+    # work done per token is steadier than the wall clock (threads that spin while idle add to it).
+    prefill_cpu_s: float = 0.0
+    step_cpu_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_ms_per_token(self) -> float | None:
+        return 1000 * float(np.median(self.step_s)) if self.step_s else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["prompt_tokens"] = len(self.prompt_ids)
+        out["new_tokens"] = len(self.token_ids)
+        out["decode_ms_per_token_median"] = self.decode_ms_per_token
+        out["prefill_tokens_per_s"] = len(self.prompt_ids) / self.prefill_s if self.prefill_s else None
+        return out
+
+
+class Generator:
+    """A bundle ready to generate: session, tokenizer, KV buffers. Not thread-safe; one sequence at a time.
+
+    `kv_capacity` fixes the KV buffers' length up front (at most the bundle's context); by default they
+    are sized to the first call's prompt + max_new_tokens (rounded up to 256) and grown only when a later
+    call needs more, so a short chat on a 4k-context 7B model does not hold a 4k cache.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        options: RuntimeOptions | None = None,
+        check_integrity: bool = True,
+        kv_capacity: int | None = None,
+    ) -> None:
+        from tokenizers import Tokenizer
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, check_integrity)
+        arch = self.bundle.manifest["architecture"]
+        self.max_context = int(arch["max_context"])
+        self.eos_ids = frozenset(arch.get("eos_token_ids") or ())
+        self.options = options or RuntimeOptions()
+        start = time.perf_counter()
+        self.session, self.placement = create_session(self.bundle.model_file, self.options)
+        self.load_s = time.perf_counter() - start
+        tok_file = self.bundle.path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise EdgekitError(f"bundle {self.bundle.path} has no tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(tok_file))
+        if kv_capacity is not None and not 1 <= kv_capacity <= self.max_context:
+            raise EdgekitError(f"kv_capacity {kv_capacity}: must be between 1 and the context {self.max_context}")
+        shared = self.bundle.manifest["graph"].get("flavour", "fused") != "standard"
+        self.engine = KVEngine(self.session, kv_capacity or 0, shared=shared)
+        self.last: Generation | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise EdgekitError("the prompt is empty (no tokens)")
+        if len(ids) > self.max_context:
+            raise EdgekitError(
+                f"the prompt is {len(ids)} tokens; this bundle serves at most {self.max_context} "
+                "(its max_context): shorten the prompt or export with a larger --max-context"
+            )
+        return ids
+
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None) -> Iterator[Token]:
+        """Yield tokens as they are made. The finished `Generation` is the generator's return value and
+        `self.last`. `prompt` is text (tokenized with the bundle's tokenizer, BOS as it adds it) or ids."""
+        config = config or GenerationConfig()
+        ids = self._prompt_ids(prompt)
+        # the last generated token is never fed, hence the - 1
+        needed = min(self.max_context, len(ids) + config.max_new_tokens - 1)
+        if needed > self.engine.capacity:
+            self.engine.reserve(min(self.max_context, -(-needed // _CAPACITY_STEP) * _CAPACITY_STEP))
+        self.engine.reset()
+        sample = Sampler(config)
+        detok = _Detokenizer(self.tokenizer, ids)
+        result = Generation(prompt_ids=ids)
+        self.last = result
+
+        start, cpu = time.perf_counter(), time.process_time()
+        token = sample(self.engine.forward(ids, all_logits=False)[-1])
+        result.prefill_s = elapsed = time.perf_counter() - start
+        result.prefill_cpu_s = time.process_time() - cpu
+        while True:
+            if config.stop_on_eos and token in self.eos_ids:
+                result.stop_reason = "eos"
+                break
+            result.token_ids.append(token)
+            text = detok.push(token)
+            result.pieces.append(text)
+            yield Token(token, text, elapsed)
+            if len(result.token_ids) >= config.max_new_tokens:
+                result.stop_reason = "length"
+                break
+            if self.engine.length >= self.max_context:
+                result.stop_reason = "context"
+                break
+            start, cpu = time.perf_counter(), time.process_time()
+            token = sample(self.engine.forward([token])[0])
+            elapsed = time.perf_counter() - start
+            result.step_cpu_s.append(time.process_time() - cpu)
+            result.step_s.append(elapsed)
+        result.text = "".join(result.pieces)
+        return result
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig | None = None,
+        on_token: Callable[[Token], None] | None = None,
+    ) -> Generation:
+        """Run to the end; `on_token` sees each token as it is made."""
+        it = self.stream(prompt, config)
+        while True:
+            try:
+                token = next(it)
+            except StopIteration as done:
+                return done.value
+            if on_token is not None:
+                on_token(token)

@@ -1,0 +1,52 @@
+"""Remove attention sublayers from a PyTorch model, for verification and evaluation.
+
+The export never goes through this (the graph builder simply does not emit the skipped sublayers);
+this is the PyTorch twin the export is checked against, and what `eval --skip` measures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgekit.skip.skipset import SkipSet
+
+
+class AttentionFreeDecoderLayer(nn.Module):
+    """A decoder layer without its attention sublayer: h + MLP(post_attention_norm(h)).
+
+    Holds only the post-attention norm and the MLP; the input norm, q/k/v/o projections and the
+    layer's KV cache are gone, not zeroed.
+    """
+
+    def __init__(self, post_attention_layernorm: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.post_attention_layernorm = post_attention_layernorm
+        self.mlp = mlp
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def apply_skip(model: Any, skip: SkipSet) -> Any:
+    """Replace the skipped layers in place; returns the same model for chaining."""
+    layers = model.model.layers
+    for i in skip.skipped:
+        old = layers[i]
+        if isinstance(old, AttentionFreeDecoderLayer):
+            continue
+        layers[i] = AttentionFreeDecoderLayer(old.post_attention_layernorm, old.mlp)
+    return model
+
+
+@torch.no_grad()
+def full_logits(model: Any, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
+    """Logits [seq, vocab] of one sequence in a single forward pass with no cache.
+
+    A skipped model is always run without a KV cache here: transformers' cache reads the sequence
+    length from layer 0, which may be one of the layers that no longer has attention.
+    """
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+    return model(input_ids=ids, use_cache=False).logits[0].float()
