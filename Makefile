@@ -59,9 +59,10 @@ qnn: install  ## Snapdragon NPU (QNN HTP): standard graph, fp16, fixed shapes
 test: install  ## run the test suite
 	$(BIN)/pytest
 
-lint: install  ## ruff lint + format check
+lint: install  ## ruff lint + format check + the import-layer contracts (pyproject [tool.importlinter])
 	$(BIN)/ruff check edgekit tests bench
 	$(BIN)/ruff format --check edgekit tests bench
+	$(BIN)/lint-imports
 
 bench: bench-speed  ## run the benchmarks (bench/; slow, not part of test)
 

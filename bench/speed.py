@@ -82,7 +82,8 @@ def main() -> None:
     if args.build_only:
         return
 
-    from edgekit.runtime.profile import ProfileRequest, format_report, profile
+    from edgekit.runtime.profile import ProfileRequest, profile
+    from edgekit.runtime.profile_report import format_report
 
     prompt_lens = tuple(int(x) for x in args.prompt_len.split(","))
     results = {}

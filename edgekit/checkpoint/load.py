@@ -66,6 +66,22 @@ class ModelSpec:
             eos_token_ids=eos_ids,
         )
 
+    def to_manifest(self, context: int) -> dict[str, Any]:
+        """The manifest's architecture section; `context` is what the bundle serves (at most max_context)."""
+        return {
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "max_context": context,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_ids": list(self.eos_token_ids),
+        }
+
     def kv_bytes_per_token(self, kept_layers: int, bytes_per_value: int = 4) -> int:
         return 2 * kept_layers * self.kv_heads * self.head_dim * bytes_per_value
 

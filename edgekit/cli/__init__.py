@@ -2,6 +2,8 @@
 
 Every failure the user can cause ends as one line on stderr and a non-zero exit: `EdgekitError` and
 click's usage errors alike. Commands register themselves in COMMANDS (one module per command).
+
+May import: every other subpackage (it is the top layer).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import click
 
 from edgekit.checkpoint.load import open_checkpoint
 from edgekit.checkpoint.resolve import resolve_model
+from edgekit.cli.options import checkpoint_options
 from edgekit.cli.output import emit_json, layer_list
 from edgekit.errors import EdgekitError
 from edgekit.quality.analyze import DEFAULT_TOKEN_BUDGET, analyze_checkpoint
@@ -36,9 +37,7 @@ from edgekit.quality.analyze import DEFAULT_TOKEN_BUDGET, analyze_checkpoint
 )
 @click.option("-n", "--n", "n", type=int, help="Recommend a skip set of N layers [default: a quarter of the layers].")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a bar chart PNG here.")
-@click.option("--allow-download", is_flag=True, help="Download the model from the Hugging Face hub if needed.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (never by default).")
-@click.option("--allow-pickle", is_flag=True, help="Load *.bin pickle weights with torch's weights-only loader.")
+@checkpoint_options
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def command(
     model: str,

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from edgekit.cli.options import checkpoint_options, skip_options
 from edgekit.cli.output import emit_json, layer_list
 from edgekit.errors import EdgekitError
 from edgekit.quality.evaluate import EvalRequest, EvalResult, evaluate
@@ -36,13 +37,7 @@ def _task_paths(tasks: str | None) -> list[Path]:
 @click.option("--tasks", metavar="FILES", help="Multiple-choice JSONL files (HellaSwag/ARC shape), comma-separated.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most N documents of --text and N examples per task.")
 @click.option("--max-tokens", type=click.IntRange(min=2), help="At most N tokens of --text.")
-@click.option(
-    "--skip",
-    "skip",
-    metavar="N|auto:N",
-    help="Checkpoint only: remove the attention of the last N layers, or (auto:N) the N least important.",
-)
-@click.option("--skip-layers", metavar="LIST", help="Checkpoint only: remove attention from these layers.")
+@skip_options(scope="Checkpoint only. ")
 @click.option(
     "--calib",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
@@ -55,9 +50,7 @@ def _task_paths(tasks: str | None) -> list[Path]:
     help="Checkpoints: hold one layer in memory at a time [default: when fp32 would not fit].",
 )
 @click.option("--no-integrity-check", is_flag=True, help="Use bundles whose files do not match their manifest.")
-@click.option("--allow-download", is_flag=True, help="Download the model from the Hugging Face hub if needed.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (never by default).")
-@click.option("--allow-pickle", is_flag=True, help="Load *.bin pickle weights with torch's weights-only loader.")
+@checkpoint_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def command(
     model: str,

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import click
 
+from edgekit.cli.options import runtime_options
 from edgekit.cli.output import emit_json
-from edgekit.cli.run_cmd import runtime_options
 from edgekit.errors import EdgekitError
-from edgekit.runtime.profile import ProfileRequest, format_report, profile
+from edgekit.runtime.profile import ProfileRequest, profile
+from edgekit.runtime.profile_report import format_report
 
 
 def _int_list(value: str, name: str) -> tuple[int, ...]:

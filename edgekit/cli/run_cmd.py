@@ -1,37 +1,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
+from edgekit.cli.options import runtime_options
 from edgekit.cli.output import emit_json
 from edgekit.runtime.generator import GenerationConfig, Generator, Token
-from edgekit.runtime.providers import PROVIDERS, RuntimeOptions
-
-
-def runtime_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--provider/--threads/--affinity/--no-spin/--no-integrity-check, shared by run and profile."""
-    f = click.option("--no-integrity-check", is_flag=True, help="Skip the sha256 check of the bundle's files.")(f)
-    f = click.option(
-        "--no-spin", is_flag=True, help="Let idle threads sleep instead of spinning (busy or battery machines)."
-    )(f)
-    f = click.option(
-        "--affinity",
-        metavar="SPEC",
-        help="Pin intra-op threads (onnxruntime session.intra_op_thread_affinities), e.g. '1;2;3' for 4 threads.",
-    )(f)
-    f = click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads [default: one per core].")(f)
-    f = click.option(
-        "--provider",
-        default="cpu",
-        show_default=True,
-        metavar="NAME",
-        help="Execution provider: " + ", ".join(PROVIDERS) + ".",
-    )(f)
-    return f
+from edgekit.runtime.providers import RuntimeOptions
 
 
 @click.command("run")

@@ -11,7 +11,8 @@ from edgekit.bundle.genai_config import genai_config, write_genai_config
 from edgekit.checkpoint.load import Checkpoint
 from edgekit.errors import EdgekitError
 from edgekit.export.budget import MemoryEstimate, check_or_estimate
-from edgekit.export.graph import FLAVOURS, GraphContract, padded_head_dim
+from edgekit.export.graph import FLAVOURS, padded_head_dim
+from edgekit.export.onnx_writer import GraphContract
 from edgekit.skip.skipset import SkipSet
 
 GIB = 1024**3

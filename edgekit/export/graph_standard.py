@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.checkpoint.load import Checkpoint, rotary_tables
 from edgekit.errors import EdgekitError
-from edgekit.export.graph import OPSET, GraphContract, GraphWriter, TensorSink, write_model
+from edgekit.export.onnx_writer import OPSET, GraphContract, GraphWriter, TensorSink, write_model
 from edgekit.export.quantize import QuantConfig, per_channel_int8
 from edgekit.skip.skipset import SkipSet
 
@@ -104,6 +105,95 @@ class _Builder:
         )
 
 
+@dataclass(frozen=True)
+class _StepInputs:
+    """What every layer of a step shares: the rotary rows of its positions and the additive mask."""
+
+    cos: str
+    sin: str
+    mask: str
+
+
+def _step_inputs(b: _Builder, g: GraphWriter, ckpt: Checkpoint, context: int) -> _StepInputs:
+    """Positions, cos/sin rows, and the additive mask [B, 1, S, T] (causal, padding, sliding window)."""
+    spec = ckpt.spec
+    seq = b.op("Gather", [b.op("Shape", ["input_ids"], "/pos/shape_ids"), b.i64("idx_1", 1)], "/pos/seq_len")
+    total = b.op("Gather", [b.op("Shape", ["attention_mask"], "/pos/shape_mask"), b.i64("idx_1", 1)], "/pos/total_len")
+    past = b.op("Sub", [total, seq], "/pos/past_len")
+    cums = b.op("CumSum", ["attention_mask", b.i64("axis_1", 1)], "/pos/CumSum")
+    pos_all = b.op("Max", [b.op("Sub", [cums, b.i64("one", 1)], "/pos/Sub"), b.i64("zero_s", 0)], "/pos/Max")
+    neg_seq = b.op("Unsqueeze", [b.op("Neg", [seq], "/pos/Neg"), b.i64("axes_0", [0])], "/pos/neg_seq")
+    positions = b.op("Slice", [pos_all, neg_seq, b.i64("int64_max", [INT64_MAX]), b.i64("axes_1", [1])], "/pos/Slice")
+    cos_t, sin_t = rotary_tables(ckpt, context)
+    cos_full = g.float_const("cos_cache", np.concatenate([cos_t, cos_t], axis=1))
+    sin_full = g.float_const("sin_cache", np.concatenate([sin_t, sin_t], axis=1))
+    cos = b.op("Unsqueeze", [b.op("Gather", [cos_full, positions], "/rotary/cos"), b.i64("axes_1", [1])], "/cos")
+    sin = b.op("Unsqueeze", [b.op("Gather", [sin_full, positions], "/rotary/sin"), b.i64("axes_1", [1])], "/sin")
+
+    kpos = b.op("Range", [b.i64("zero_s", 0), total, b.i64("one", 1)], "/mask/kpos")
+    qrange = b.op("Range", [b.i64("zero_s", 0), seq, b.i64("one", 1)], "/mask/qrange")
+    qpos = b.op("Unsqueeze", [b.op("Add", [qrange, past], "/mask/qpos_flat"), b.i64("axes_last", [-1])], "/mask/qpos")
+    allowed = b.op("LessOrEqual", [kpos, qpos], "/mask/causal")  # [S, T]
+    if spec.sliding_window and spec.sliding_window < context:
+        lo = b.op("Sub", [qpos, b.i64("window", spec.sliding_window)], "/mask/window_lo")
+        allowed = b.op("And", [allowed, b.op("Greater", [kpos, lo], "/mask/window")], "/mask/and_window")
+    pad = b.op("Cast", ["attention_mask"], "/mask/pad_bool", to=TensorProto.BOOL)
+    pad = b.op("Unsqueeze", [pad, b.i64("axes_1_2", [1, 2])], "/mask/pad")  # [B, 1, 1, T]
+    allowed = b.op("And", [allowed, pad], "/mask/allowed")  # [B, 1, S, T]
+    zero = g.const("mask_zero", np.array(0.0, np.float32))
+    minimum = g.const("mask_min", np.array(MASK_VALUE[TensorProto.FLOAT], np.float32))
+    return _StepInputs(cos, sin, b.op("Where", [allowed, zero, minimum], "/mask/additive"))
+
+
+def _repeat_kv(b: _Builder, t: str, n_rep: int, heads: int, hd: int, label: str) -> str:
+    """[B, kv, T, hd] → [B, heads, T, hd]: each KV head repeated n_rep times (no GQA op in plain ONNX)."""
+    unsqueezed = b.op("Unsqueeze", [t, b.i64("axes_2", [2])], f"{label}_unsq")
+    tiled = b.op("Tile", [unsqueezed, b.i64("tile_reps", [1, 1, n_rep, 1, 1])], f"{label}_tile")
+    return b.op("Reshape", [tiled, b.i64("shape_rep", [0, heads, -1, hd])], f"{label}_rep")
+
+
+def _attention(
+    b: _Builder, g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, step: _StepInputs, fdt: int
+) -> str:
+    """Layer i's attention sublayer in plain ops, its KV cache in slot `slot`; returns o_proj's output."""
+    spec, names, w, p = ckpt.spec, ckpt.family.names, ckpt.weights, f"/model/layers.{i}"
+    hd, n_rep = spec.head_dim, spec.heads // spec.kv_heads
+    proj = {}
+    for key, n_heads, wn in (("q", spec.heads, names.q), ("k", spec.kv_heads, names.k), ("v", spec.kv_heads, names.v)):
+        bias = w.get(wn.format(i=i, p="bias")) if ckpt.family.qkv_bias else None
+        y = b.linear(x, w.get(wn.format(i=i, p="weight")), f"{p}/attn/{key}_proj", "attn", bias)
+        proj[key] = b.heads(y, n_heads, hd, f"{p}/attn/{key}_heads")
+    q = b.rotary(proj["q"], step.cos, step.sin, hd, f"{p}/attn/q_rotary")
+    k = b.rotary(proj["k"], step.cos, step.sin, hd, f"{p}/attn/k_rotary")
+    k_all = g.op("Concat", [f"past_key_values.{slot}.key", k], name=f"{p}/attn/k_concat", axis=2)[0]
+    v_all = g.op("Concat", [f"past_key_values.{slot}.value", proj["v"]], name=f"{p}/attn/v_concat", axis=2)[0]
+    g.nodes.append(helper.make_node("Identity", [k_all], [f"present.{slot}.key"], name=f"{p}/present_k"))
+    g.nodes.append(helper.make_node("Identity", [v_all], [f"present.{slot}.value"], name=f"{p}/present_v"))
+    if n_rep > 1:
+        k_all = _repeat_kv(b, k_all, n_rep, spec.heads, hd, f"{p}/attn/k")
+        v_all = _repeat_kv(b, v_all, n_rep, spec.heads, hd, f"{p}/attn/v")
+    q = b.op("Mul", [q, g.float_const("attn_scale", np.array(1.0 / math.sqrt(hd)))], f"{p}/attn/scale")
+    kt = b.op("Transpose", [k_all], f"{p}/attn/k_T", perm=[0, 1, 3, 2])
+    scores = b.op("MatMul", [q, kt], f"{p}/attn/scores")
+    if fdt != TensorProto.FLOAT:
+        scores = b.op("Cast", [scores], f"{p}/attn/scores_f32", to=TensorProto.FLOAT)
+    probs = b.op("Softmax", [b.op("Add", [scores, step.mask], f"{p}/attn/mask")], f"{p}/attn/Softmax", axis=-1)
+    if fdt != TensorProto.FLOAT:
+        probs = b.op("Cast", [probs], f"{p}/attn/probs_cast", to=fdt)
+    ctx = b.op("MatMul", [probs, v_all], f"{p}/attn/context")
+    ctx = b.op("Transpose", [ctx], f"{p}/attn/context_T", perm=[0, 2, 1, 3])
+    ctx = b.op("Reshape", [ctx, b.i64("shape_merge", [0, 0, -1])], f"{p}/attn/context_merge")
+    return b.linear(ctx, w.get(names.o.format(i=i)), f"{p}/attn/o_proj", "attn")
+
+
+def _mlp(b: _Builder, ckpt: Checkpoint, i: int, x: str) -> str:
+    names, w, p = ckpt.family.names, ckpt.weights, f"/model/layers.{i}"
+    gate = b.linear(x, w.get(names.gate.format(i=i)), f"{p}/mlp/gate_proj", "mlp")
+    up = b.linear(x, w.get(names.up.format(i=i)), f"{p}/mlp/up_proj", "mlp")
+    silu = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/mlp/Sigmoid")], f"{p}/mlp/SiLU")
+    return b.linear(b.op("Mul", [silu, up], f"{p}/mlp/Mul"), w.get(names.down.format(i=i)), f"{p}/mlp/down_proj", "mlp")
+
+
 def build_standard_decoder(
     ckpt: Checkpoint,
     skip: SkipSet,
@@ -117,129 +207,25 @@ def build_standard_decoder(
         raise EdgekitError(
             "the standard graph (mobile EPs) has no int4 weights; use --quant int8, fp16 or fp32 with it"
         )
+    if quant.int8_kernel == "dynamic":
+        raise EdgekitError("--int8-kernel dynamic needs the fused flavour (its int8 MatMuls are contrib ops)")
     spec, names, w = ckpt.spec, ckpt.family.names, ckpt.weights
     fdt = TensorProto.FLOAT16 if quant.mode == "fp16" else TensorProto.FLOAT
     sink = TensorSink(model_path.with_name(model_path.name + ".data"))
     g = GraphWriter(sink, quant)
     b = _Builder(g, quant, fdt)
-    hd, n_rep = spec.head_dim, spec.heads // spec.kv_heads
-    if quant.int8_kernel == "dynamic":
-        raise EdgekitError("--int8-kernel dynamic needs the fused flavour (its int8 MatMuls are contrib ops)")
-    contract = GraphContract(skip.kept, spec.kv_heads, hd, "float16" if quant.mode == "fp16" else "float32")
-    context = max_context or spec.max_context
-
+    contract = GraphContract(skip.kept, spec.kv_heads, spec.head_dim, "float16" if quant.mode == "fp16" else "float32")
     try:
         residual = b.op("Gather", [g.float_const("embed_tokens.weight", w.get(names.embed)), "input_ids"], "/embed")
-
-        # Shared per step: positions, cos/sin rows, and the additive mask [B, 1, S, T].
-        seq = b.op("Gather", [b.op("Shape", ["input_ids"], "/pos/shape_ids"), b.i64("idx_1", 1)], "/pos/seq_len")
-        total = b.op(
-            "Gather", [b.op("Shape", ["attention_mask"], "/pos/shape_mask"), b.i64("idx_1", 1)], "/pos/total_len"
-        )
-        past = b.op("Sub", [total, seq], "/pos/past_len")
-        cums = b.op("CumSum", ["attention_mask", b.i64("axis_1", 1)], "/pos/CumSum")
-        pos_all = b.op("Max", [b.op("Sub", [cums, b.i64("one", 1)], "/pos/Sub"), b.i64("zero_s", 0)], "/pos/Max")
-        neg_seq = b.op("Unsqueeze", [b.op("Neg", [seq], "/pos/Neg"), b.i64("axes_0", [0])], "/pos/neg_seq")
-        positions = b.op(
-            "Slice", [pos_all, neg_seq, b.i64("int64_max", [INT64_MAX]), b.i64("axes_1", [1])], "/pos/Slice"
-        )
-        cos_t, sin_t = rotary_tables(ckpt, context)
-        cos_full = g.float_const("cos_cache", np.concatenate([cos_t, cos_t], axis=1))
-        sin_full = g.float_const("sin_cache", np.concatenate([sin_t, sin_t], axis=1))
-        cos = b.op("Unsqueeze", [b.op("Gather", [cos_full, positions], "/rotary/cos"), b.i64("axes_1", [1])], "/cos")
-        sin = b.op("Unsqueeze", [b.op("Gather", [sin_full, positions], "/rotary/sin"), b.i64("axes_1", [1])], "/sin")
-
-        kpos = b.op("Range", [b.i64("zero_s", 0), total, b.i64("one", 1)], "/mask/kpos")
-        qpos = b.op(
-            "Unsqueeze",
-            [
-                b.op(
-                    "Add",
-                    [b.op("Range", [b.i64("zero_s", 0), seq, b.i64("one", 1)], "/mask/qrange"), past],
-                    "/mask/qpos_flat",
-                ),
-                b.i64("axes_last", [-1]),
-            ],
-            "/mask/qpos",
-        )  # [S, 1]
-        allowed = b.op("LessOrEqual", [kpos, qpos], "/mask/causal")  # [S, T]
-        if spec.sliding_window and spec.sliding_window < context:
-            lo = b.op("Sub", [qpos, b.i64("window", spec.sliding_window)], "/mask/window_lo")
-            allowed = b.op("And", [allowed, b.op("Greater", [kpos, lo], "/mask/window")], "/mask/and_window")
-        pad = b.op("Cast", ["attention_mask"], "/mask/pad_bool", to=TensorProto.BOOL)
-        pad = b.op("Unsqueeze", [pad, b.i64("axes_1_2", [1, 2])], "/mask/pad")  # [B, 1, 1, T]
-        allowed = b.op("And", [allowed, pad], "/mask/allowed")  # [B, 1, S, T]
-        mask = b.op(
-            "Where",
-            [
-                allowed,
-                g.const("mask_zero", np.array(0.0, np.float32)),
-                g.const("mask_min", np.array(MASK_VALUE[TensorProto.FLOAT], np.float32)),
-            ],
-            "/mask/additive",
-        )
-
+        step = _step_inputs(b, g, ckpt, max_context or spec.max_context)
         for i in range(spec.num_layers):
             p = f"/model/layers.{i}"
             slot = skip.kv_slot(i)
-            if slot is not None:
+            if slot is not None:  # a skipped layer's residual stream passes straight on to its MLP
                 x = b.rms_norm(residual, w.get(names.input_norm.format(i=i)), spec.rms_eps, f"{p}/input_layernorm")
-                proj = {}
-                for key, n_heads, wn in (
-                    ("q", spec.heads, names.q),
-                    ("k", spec.kv_heads, names.k),
-                    ("v", spec.kv_heads, names.v),
-                ):
-                    bias = w.get(wn.format(i=i, p="bias")) if ckpt.family.qkv_bias else None
-                    y = b.linear(x, w.get(wn.format(i=i, p="weight")), f"{p}/attn/{key}_proj", "attn", bias)
-                    proj[key] = b.heads(y, n_heads, hd, f"{p}/attn/{key}_heads")
-                q = b.rotary(proj["q"], cos, sin, hd, f"{p}/attn/q_rotary")
-                k = b.rotary(proj["k"], cos, sin, hd, f"{p}/attn/k_rotary")
-                k_all = g.op("Concat", [f"past_key_values.{slot}.key", k], name=f"{p}/attn/k_concat", axis=2)[0]
-                v_all = g.op("Concat", [f"past_key_values.{slot}.value", proj["v"]], name=f"{p}/attn/v_concat", axis=2)[
-                    0
-                ]
-                g.nodes.append(helper.make_node("Identity", [k_all], [f"present.{slot}.key"], name=f"{p}/present_k"))
-                g.nodes.append(helper.make_node("Identity", [v_all], [f"present.{slot}.value"], name=f"{p}/present_v"))
-                if n_rep > 1:  # repeat each KV head n_rep times: [B, kv, T, hd] → [B, heads, T, hd]
-                    reps = b.i64("tile_reps", [1, 1, n_rep, 1, 1])
-                    shape = b.i64("shape_rep", [0, spec.heads, -1, hd])
-                    k_all, v_all = (
-                        b.op(
-                            "Reshape",
-                            [
-                                b.op(
-                                    "Tile",
-                                    [b.op("Unsqueeze", [t, b.i64("axes_2", [2])], f"{p}/attn/{n}_unsq"), reps],
-                                    f"{p}/attn/{n}_tile",
-                                ),
-                                shape,
-                            ],
-                            f"{p}/attn/{n}_rep",
-                        )
-                        for n, t in (("k", k_all), ("v", v_all))
-                    )
-                q = b.op("Mul", [q, g.float_const("attn_scale", np.array(1.0 / math.sqrt(hd)))], f"{p}/attn/scale")
-                kt = b.op("Transpose", [k_all], f"{p}/attn/k_T", perm=[0, 1, 3, 2])
-                scores = b.op("MatMul", [q, kt], f"{p}/attn/scores")
-                if fdt != TensorProto.FLOAT:
-                    scores = b.op("Cast", [scores], f"{p}/attn/scores_f32", to=TensorProto.FLOAT)
-                probs = b.op("Softmax", [b.op("Add", [scores, mask], f"{p}/attn/mask")], f"{p}/attn/Softmax", axis=-1)
-                if fdt != TensorProto.FLOAT:
-                    probs = b.op("Cast", [probs], f"{p}/attn/probs_cast", to=fdt)
-                ctx = b.op("MatMul", [probs, v_all], f"{p}/attn/context")
-                ctx = b.op("Transpose", [ctx], f"{p}/attn/context_T", perm=[0, 2, 1, 3])
-                ctx = b.op("Reshape", [ctx, b.i64("shape_merge", [0, 0, -1])], f"{p}/attn/context_merge")
-                o = b.linear(ctx, w.get(names.o.format(i=i)), f"{p}/attn/o_proj", "attn")
-                residual = b.op("Add", [residual, o], f"{p}/attn/residual")
+                residual = b.op("Add", [residual, _attention(b, g, ckpt, i, slot, x, step, fdt)], f"{p}/attn/residual")
             x = b.rms_norm(residual, w.get(names.post_norm.format(i=i)), spec.rms_eps, f"{p}/post_attention_layernorm")
-            gate = b.linear(x, w.get(names.gate.format(i=i)), f"{p}/mlp/gate_proj", "mlp")
-            up = b.linear(x, w.get(names.up.format(i=i)), f"{p}/mlp/up_proj", "mlp")
-            silu = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/mlp/Sigmoid")], f"{p}/mlp/SiLU")
-            down = b.linear(
-                b.op("Mul", [silu, up], f"{p}/mlp/Mul"), w.get(names.down.format(i=i)), f"{p}/mlp/down_proj", "mlp"
-            )
-            residual = b.op("Add", [residual, down], f"{p}/mlp/residual")
+            residual = b.op("Add", [residual, _mlp(b, ckpt, i, x)], f"{p}/mlp/residual")
             if on_layer:
                 on_layer(i)
 

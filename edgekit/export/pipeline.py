@@ -20,7 +20,7 @@ from edgekit.checkpoint.load import Checkpoint, load_torch_model, open_checkpoin
 from edgekit.checkpoint.resolve import ResolvedModel, resolve_model
 from edgekit.errors import EdgekitError
 from edgekit.export.device import add_target, finish_target, plan_target, recipe_context
-from edgekit.export.graph import build_decoder
+from edgekit.export.graph import build_decoder, graph_manifest
 from edgekit.export.graph_standard import build_standard_decoder
 from edgekit.export.memory import RssWatch, plan_export_memory
 from edgekit.export.quantize import QuantConfig
@@ -248,7 +248,6 @@ def _manifest(
     report: VerifyReport | None,
     seconds: dict[str, float],
 ) -> dict[str, Any]:
-    spec = ckpt.spec
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -260,44 +259,9 @@ def _manifest(
             "architecture": (getattr(ckpt.config, "architectures", None) or ["?"])[0],
             "model_type": ckpt.config.model_type,
         },
-        "architecture": {
-            "num_layers": spec.num_layers,
-            "hidden_size": spec.hidden,
-            "intermediate_size": spec.intermediate,
-            "num_attention_heads": spec.heads,
-            "num_key_value_heads": spec.kv_heads,
-            "head_dim": spec.head_dim,
-            "vocab_size": spec.vocab,
-            "max_context": context,
-            "tie_word_embeddings": spec.tie_embeddings,
-            "bos_token_id": spec.bos_token_id,
-            "eos_token_ids": list(spec.eos_token_ids),
-        },
-        "skip": {
-            "rule": skip.rule,
-            "skipped": list(skip.skipped),
-            "kept": list(skip.kept),
-            "attention_layers": len(skip.kept),
-            **({"ranking": skip.ranking} if skip.ranking else {}),
-        },
-        "graph": {
-            "file": "model.onnx",
-            "external_data": data_file,
-            "flavour": "fused",
-            "opset": 21,
-            "contrib_ops": [
-                "GroupQueryAttention",
-                "SkipSimplifiedLayerNormalization",
-                "MatMulNBits",
-                "GatherBlockQuantized",
-            ],
-            **contract.to_manifest(),
-            "kv_bytes_per_token": 2
-            * len(skip.kept)
-            * contract.kv_heads
-            * contract.head_dim
-            * (2 if contract.kv_dtype == "float16" else 4),
-        },
+        "architecture": ckpt.spec.to_manifest(context),
+        "skip": skip.to_manifest(),
+        "graph": graph_manifest(contract, data_file),
         "quantization": req.quant.to_manifest(),
         "tokenizer": {"files": tokenizer_files},
         "verification": report.to_dict() if report else None,

@@ -28,6 +28,7 @@ from typing import Any
 from edgekit import CALIB_TEXT
 from edgekit.bundle.folder import Bundle, open_bundle
 from edgekit.errors import EdgekitError
+from edgekit.runtime.machine import machine_facts, peak_rss_bytes
 
 PROMPT_TEXT = CALIB_TEXT
 
@@ -135,29 +136,6 @@ def _model_bytes(bundle: Bundle) -> int:
     return sum(int(files[n]["bytes"]) for n in names if n in files)
 
 
-def _machine() -> dict[str, Any]:
-    import platform
-
-    import onnxruntime as ort
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
 def profile(req: ProfileRequest) -> ProfileReport:
     if not req.bundles:
         raise EdgekitError("give at least one bundle to profile")
@@ -200,7 +178,7 @@ def profile(req: ProfileRequest) -> ProfileReport:
         "order": "interleaved" if len(bundles) > 1 else "sequential",
         "process": "one child process per bundle and run",
     }
-    return ProfileReport(results, ratios, _machine(), settings, _twin_notes(bundles, labels))
+    return ProfileReport(results, ratios, machine_facts(), settings, _twin_notes(bundles, labels))
 
 
 def _twin_notes(bundles: list[Bundle], labels: list[str]) -> list[str]:
@@ -246,26 +224,6 @@ def _run_child(bundle: Bundle, req: ProfileRequest) -> dict[str, Any]:
         lines = [ln for ln in (proc.stdout + proc.stderr).strip().splitlines() if ln.strip()]
         raise EdgekitError(f"profiling {bundle.path.name} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _peak_rss_bytes() -> int:
-    # Linux: VmHWM is this process's own high-water mark. ru_maxrss is not: a child started by fork+exec
-    # inherits its parent's maximum, so a profile run from a big parent (pytest, a sweep) over-reports.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
-    except ImportError:  # Windows: psutil reports the peak working set
-        import psutil
-
-        return int(getattr(psutil.Process().memory_info(), "peak_wset", psutil.Process().memory_info().rss))
 
 
 def _prompt_ids(gen: Any, n: int) -> list[int]:
@@ -315,7 +273,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "load_s": gen.load_s,
         "rss_after_load_bytes": rss_loaded,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "placement": gen.placement.to_dict(),
         "threads": threads,
         "settings": settings,
@@ -398,77 +356,4 @@ def _ratio(
     )
 
 
-# ---- human output (kept here so bench/ and the CLI print the same table) ----
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1024**2:.1f} MB" if n < 1024**3 else f"{n / 1024**3:.2f} GB"
-
-
-def _pm(s: Stat, fmt: str = "{:.2f}") -> str:
-    return f"{fmt.format(s.median)} ±{100 * s.spread / 2:.0f}%"
-
-
-def _x(s: Stat) -> str:
-    return f"{s.median:.2f}× [{s.min:.2f}–{s.max:.2f}]"
-
-
-def format_report(report: ProfileReport) -> str:
-    st = report.settings
-    lines = [
-        f"{report.machine['cpu']}, {report.machine['logical_cpus']} logical CPUs, onnxruntime "
-        f"{report.machine['onnxruntime']}; provider {st['provider']}, threads {st['threads'] or 'default'}; "
-        f"{st['runs']} runs ({st['order']}, one process each), {st['warmup_steps']} warm-up + {st['gen_len']} "
-        "timed decode steps; median ±half the min–max spread",
-        "",
-    ]
-    for k, b in enumerate(report.bundles):
-        tag = chr(ord("A") + k) if k < 26 else str(k)
-        lines.append(
-            f"{tag}: {b.label}  [{b.quant}, attention in {b.kept_layers}/{b.num_layers} layers, threads {b.threads}]"
-        )
-        lines.append(
-            f"   size {_mb(b.model_bytes)}, KV {b.kv_bytes_per_token / 1024:.1f} KB/token = "
-            f"{_mb(b.kv_bytes_max_context)} at {b.max_context}, load {_pm(b.load_s)} s, "
-            f"peak RSS {_mb(b.peak_rss_bytes.median)}, placement {_placement(b.placement)}"
-        )
-    header = f"{'':3}{'prompt':>7}  {'first token ms':>16}  {'prefill tok/s':>16}  {'decode ms/tok':>16}  "
-    header += f"{'p90 ms':>9}  {'tok/s':>14}  {'CPU ms/tok':>10}"
-    lines += ["", header]
-    for k, b in enumerate(report.bundles):
-        tag = chr(ord("A") + k) if k < 26 else str(k)
-        for s in b.settings:
-            lines.append(
-                f"{tag:3}{s.prompt_len:>7}  {_pm(s.ttft_ms, '{:.1f}'):>16}  "
-                f"{_pm(s.prefill_tokens_per_s, '{:.0f}'):>16}  "
-                f"{_pm(s.decode_ms_median, '{:.2f}'):>16}  {s.decode_ms_p90.median:>9.2f}  "
-                f"{_pm(s.decode_tokens_per_s, '{:.1f}'):>14}  {s.decode_cpu_ms_median.median:>10.2f}"
-            )
-    if report.ratios:
-        lines += [
-            "",
-            "ratios over paired runs, median [min–max]: speedup > 1 is faster than A; size ratios < 1 are smaller",
-            f"{'':7}{'prompt':>7}  {'first-token speedup':>20}  {'decode speedup':>20}  {'p90':>6}  "
-            f"{'KV cache':>8}  {'model size':>10}  {'peak RSS':>8}  {'CPU-time: first token':>21}  {'decode':>6}",
-        ]
-        for r in report.ratios:
-            tag = chr(ord("A") + next(i for i, b in enumerate(report.bundles) if b.label == r.other))
-            lines.append(
-                f"{tag + ' vs A':7}{r.prompt_len:>7}  {_x(r.ttft_speedup):>20}  {_x(r.decode_speedup):>20}  "
-                f"{r.decode_p90_speedup.median:>5.2f}×  {r.kv_bytes_ratio:>7.2f}×  {r.model_bytes_ratio:>9.2f}×  "
-                f"{r.peak_rss_ratio.median:>7.2f}×  {r.ttft_cpu_speedup.median:>20.2f}×  "
-                f"{r.decode_cpu_speedup.median:>5.2f}×"
-            )
-    lines += [f"note: {n}" for n in report.notes]
-    return "\n".join(lines)
-
-
-def _placement(p: dict[str, Any]) -> str:
-    nodes = p.get("nodes") or {}
-    if not nodes:
-        return "not recorded"
-    parts = ", ".join(f"{k.removesuffix('ExecutionProvider')} {v}" for k, v in nodes.items())
-    return parts + (f" ({p['cpu_fallback']} fell back to CPU)" if p.get("cpu_fallback") else "")
-
-
-__all__ = ["BundleResult", "ProfileReport", "ProfileRequest", "Ratio", "SettingResult", "format_report", "profile"]
+__all__ = ["BundleResult", "ProfileReport", "ProfileRequest", "Ratio", "SettingResult", "profile"]

@@ -38,6 +38,15 @@ class SkipSet:
         except ValueError:
             return None
 
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "skipped": list(self.skipped),
+            "kept": list(self.kept),
+            "attention_layers": len(self.kept),
+            **({"ranking": self.ranking} if self.ranking else {}),
+        }
+
     @staticmethod
     def none(num_layers: int) -> SkipSet:
         return SkipSet(num_layers, (), "none")

@@ -1,0 +1,63 @@
+"""Option groups that several commands share, as click decorators (one definition, one help text)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from edgekit.runtime.providers import PROVIDERS
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _stack(*options: Decorator) -> Decorator:
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):  # the first listed shows first in --help
+            f = option(f)
+        return f
+
+    return apply
+
+
+def skip_options(scope: str = "") -> Decorator:
+    """--skip N|auto:N and --skip-layers LIST; `scope` prefixes the help (e.g. "Checkpoint only. ")."""
+    return _stack(
+        click.option(
+            "--skip",
+            "skip",
+            metavar="N|auto:N",
+            help=f"{scope}Remove the attention sublayers of the last N layers, or (auto:N) of the N least important.",
+        ),
+        click.option(
+            "--skip-layers", metavar="LIST", help=f"{scope}Remove attention from these layers, e.g. 20,24-31."
+        ),
+    )
+
+
+checkpoint_options = _stack(
+    click.option("--allow-download", is_flag=True, help="Download the model from the Hugging Face hub if needed."),
+    click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code (never by default)."),
+    click.option("--allow-pickle", is_flag=True, help="Load *.bin pickle weights with torch's weights-only loader."),
+)
+
+runtime_options = _stack(
+    click.option(
+        "--provider",
+        default="cpu",
+        show_default=True,
+        metavar="NAME",
+        help="Execution provider: " + ", ".join(PROVIDERS) + ".",
+    ),
+    click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads [default: one per core]."),
+    click.option(
+        "--affinity",
+        metavar="SPEC",
+        help="Pin intra-op threads (onnxruntime session.intra_op_thread_affinities), e.g. '1;2;3' for 4 threads.",
+    ),
+    click.option(
+        "--no-spin", is_flag=True, help="Let idle threads sleep instead of spinning (busy or battery machines)."
+    ),
+    click.option("--no-integrity-check", is_flag=True, help="Skip the sha256 check of the bundle's files."),
+)
