@@ -16,7 +16,7 @@ def command(bundle: Path, as_json: bool) -> None:
     """Check a bundle before trusting it: manifest schema, then every file's size and sha256.
 
     Exits 0 only when edgekit.json is well formed and every file matches it, with no file missing or
-    added. No edgekit on the device? `sha256sum -c` does the file part (see the README).
+    added. No edgekit on the device? `sha256sum -c` does the file part (see docs/reliability.md).
 
     \b
     Example:

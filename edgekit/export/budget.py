@@ -9,7 +9,7 @@
               the weights, and one prefill chunk's logits, MLP and attention-score buffers
 
 The overhead terms are a deliberate over-estimate (measured peaks sit below it; see the profile note in
-README); what the user gets told when it does not fit is what *would*: more skipped layers, int4, or a
+docs/targets.md); what the user gets told when it does not fit is what *would*: more skipped layers, int4, or a
 shorter context.
 """
 
