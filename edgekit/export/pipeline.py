@@ -31,6 +31,7 @@ from edgekit.skip.skipset import SkipSet
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",  # transformers 5 keeps the chat template here (tokenizer_config.json has a copy)
     "special_tokens_map.json",
     "tokenizer.model",
     "generation_config.json",
