@@ -45,6 +45,7 @@ def cli() -> None:
 def _register() -> None:
     from edgekit.cli import (
         analyze_cmd,
+        chat_cmd,
         eval_cmd,
         export_cmd,
         inspect_cmd,
@@ -61,6 +62,7 @@ def _register() -> None:
         inspect_cmd,
         models_cmd,
         run_cmd,
+        chat_cmd,
         profile_cmd,
         analyze_cmd,
         sweep_cmd,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -61,3 +62,37 @@ runtime_options = _stack(
     ),
     click.option("--no-integrity-check", is_flag=True, help="Skip the sha256 check of the bundle's files."),
 )
+
+
+def generation_options(max_new_tokens: int = 64) -> Decorator:
+    """Sampling and stopping options, handed to the command as one `config: GenerationConfig` argument
+    (an invalid value is an EdgekitError when the command runs: one line)."""
+    options = _stack(
+        click.option(
+            "--max-new-tokens", default=max_new_tokens, show_default=True, type=int, help="Stop after this many tokens."
+        ),
+        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy."),
+        click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k likeliest (0: all)."),
+        click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass."),
+        click.option("--seed", type=int, help="Seed for sampling (same seed, same text)."),
+        click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token."),
+    )
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from edgekit.runtime.generator import GenerationConfig
+
+            kwargs["config"] = GenerationConfig(
+                max_new_tokens=kwargs.pop("max_new_tokens"),
+                temperature=kwargs.pop("temperature"),
+                top_k=kwargs.pop("top_k"),
+                top_p=kwargs.pop("top_p"),
+                seed=kwargs.pop("seed"),
+                stop_on_eos=not kwargs.pop("ignore_eos"),
+            )
+            return f(*args, **kwargs)
+
+        return options(wrapper)
+
+    return apply

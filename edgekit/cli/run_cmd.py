@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from edgekit.cli.options import runtime_options
+from edgekit.cli.options import generation_options, runtime_options
 from edgekit.cli.output import emit_json
 from edgekit.runtime.generator import GenerationConfig, Generator, Token
 from edgekit.runtime.providers import RuntimeOptions
@@ -14,25 +14,23 @@ from edgekit.runtime.providers import RuntimeOptions
 @click.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Stop after this many tokens.")
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
-@click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k likeliest (0: all).")
-@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass.")
-@click.option("--seed", type=int, help="Seed for sampling (same seed, same text).")
-@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@generation_options()
 @click.option("--no-echo", is_flag=True, help="Print only the continuation, not the prompt.")
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="PROMPT is a user message: render it with the bundle's chat template and print the reply only.",
+)
+@click.option("--system", metavar="TEXT", help="With --chat: the system prompt.")
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON at the end.")
 def command(
     bundle: Path,
     prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    seed: int | None,
-    ignore_eos: bool,
+    config: GenerationConfig,
     no_echo: bool,
+    chat: bool,
+    system: str | None,
     provider: str,
     threads: int | None,
     affinity: str | None,
@@ -43,21 +41,19 @@ def command(
     """Generate text from a bundle, streaming it to stdout (torch is never loaded).
 
     Timings go to stderr after the text; with --json nothing is streamed and one JSON object is printed.
+    With --chat, PROMPT is one user turn rendered with the bundle's chat template (generation stops at
+    the template's end-of-turn token too); --json then adds the rendered prompt. For a multi-turn
+    conversation use `edgekit chat`.
 
     \b
     Examples:
       edgekit run out/stories260k-skip2-int4 "Once upon a time" --max-new-tokens 64
       edgekit run out/stories260k-skip2-int4 "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1
       edgekit run out/x "Hello" --provider xnnpack --threads 4 --json
+      edgekit run out/smollm2-int4 --chat "What is the capital of France?" --system "Be brief."
     """
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_on_eos=not ignore_eos,
-    )
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
     options = RuntimeOptions(provider=provider, threads=threads, affinity=affinity, spin=not no_spin)
     gen = Generator(bundle, options, check_integrity=not no_integrity_check)
 
@@ -65,10 +61,17 @@ def command(
         sys.stdout.write(token.text)
         sys.stdout.flush()
 
-    if not as_json and not no_echo:
-        show(Token(-1, prompt, 0.0))
-    result = gen.generate(prompt, config, on_token=None if as_json else show)
+    on_token = None if as_json else show
+    session = None
+    if chat:
+        session = gen.chat_session(system)
+        result = session.reply(prompt, config, on_token=on_token)
+    else:
+        if not as_json and not no_echo:
+            show(Token(-1, prompt, 0.0))
+        result = gen.generate(prompt, config, on_token=on_token)
     if as_json:
+        extra = {} if session is None else {"rendered_prompt": session.last_prompt, "messages": session.messages}
         emit_json(
             {
                 "bundle": str(gen.bundle.path),
@@ -76,6 +79,7 @@ def command(
                 "placement": gen.placement.to_dict(),
                 "load_s": gen.load_s,
                 **result.to_dict(),
+                **extra,
             }
         )
         return
