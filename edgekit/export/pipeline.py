@@ -73,7 +73,7 @@ class ExportResult:
 
 
 def default_output(resolved: ResolvedModel, skip: SkipSet, quant: QuantConfig) -> Path:
-    name = resolved.source_id.rstrip("/").split("/")[-1].lower() or "model"
+    name = resolved.source_id.rstrip("/").split("/")[-1].lower().removesuffix(".gguf") or "model"
     return Path("out") / f"{name}-skip{len(skip.skipped)}-{quant.mode}"
 
 
@@ -259,6 +259,7 @@ def _manifest(
             "config_sha256": ckpt.config_sha256,
             "architecture": (getattr(ckpt.config, "architectures", None) or ["?"])[0],
             "model_type": ckpt.config.model_type,
+            **ckpt.source,
         },
         "architecture": ckpt.spec.to_manifest(context),
         "skip": skip.to_manifest(),
