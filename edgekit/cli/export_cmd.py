@@ -143,7 +143,7 @@ def _request(model: str, as_json: bool, o: dict[str, Any]) -> ExportRequest:
     quant = r["quant"]
     if r["lm_head_bits"] is None:
         # int4 on lm_head costs measurable perplexity (see the export issue's note); 8 bits keeps it.
-        lm_bits = 8 if quant == "int4" else None
+        lm_bits = 8 if quant in ("int4", "keep") else None
     else:
         lm_bits = int(r["lm_head_bits"])
     req = ExportRequest(

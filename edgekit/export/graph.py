@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from edgekit.checkpoint.load import Checkpoint, rotary_tables
+from edgekit.errors import EdgekitError
+from edgekit.export.gguf_blocks import Blocks, KeptWeights, gather_blocks, stack_rows
 from edgekit.export.onnx_writer import MS_DOMAIN, OPSET, GraphContract, GraphWriter, TensorSink, write_model
 from edgekit.export.quantize import QuantConfig, quantize_node
 from edgekit.skip.skipset import SkipSet
@@ -128,9 +130,17 @@ class _AttentionInputs:
     context: int
 
 
-def _embedding(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, fdt: int) -> tuple[str, np.ndarray | None]:
+def _embedding(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, fdt: int) -> tuple[str, Any]:
     """The token embedding's output, and the table itself when lm_head is tied to it (read once)."""
     embed = ckpt.weights.get(ckpt.family.names.embed)
+    if isinstance(embed, Blocks) and embed.bits == 8:  # --quant keep: a Q8_0 table as it is
+        node, inits = gather_blocks(embed, "embed_tokens.weight", "input_ids", "/embed/out", "/embed")
+        for t in inits:
+            g.sink.add(t)
+        g.nodes.append(node)
+        return "/embed/out", (embed if ckpt.spec.tie_embeddings else None)
+    if isinstance(embed, Blocks):  # 4-bit GGUF tables have float zero points, which the gather cannot take
+        embed = embed.dequantize()
     if quant.embedding_quantized:
         gather = helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["/embed/out"], name="/embed")
         nodes, inits = quantize_node(gather, "embed_tokens.weight", embed, 4, quant)
@@ -170,7 +180,7 @@ def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _
     """Layer i's attention sublayer (fused QKV → GroupQueryAttention → o_proj) on KV-cache slot `slot`."""
     spec, names, w, p = ckpt.spec, ckpt.family.names, ckpt.weights, f"/model/layers.{i}"
     heads = (spec.heads, spec.kv_heads, spec.kv_heads)
-    qkv_w = np.concatenate(
+    qkv_w = stack_rows(
         [
             pad_heads(w.get(n.format(i=i, p="weight")), h, spec.head_dim, 0)
             for n, h in zip((names.q, names.k, names.v), heads, strict=True)
@@ -234,6 +244,17 @@ def _lm_head(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, x: str, tied:
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
 
 
+def _with_kept_blocks(ckpt: Checkpoint) -> Checkpoint:
+    if not ckpt.from_gguf:
+        raise EdgekitError("--quant keep keeps a GGUF's own quantized blocks; give a .gguf model, or use int4/int8")
+    if padded_head_dim(ckpt.spec.head_dim) != ckpt.spec.head_dim:
+        raise EdgekitError(
+            f"--quant keep: head_dim {ckpt.spec.head_dim} must be padded to a multiple of {GQA_HEAD_MULTIPLE} for "
+            "GroupQueryAttention, which GGUF blocks cannot be; use --quant int4"
+        )
+    return replace(ckpt, weights=KeptWeights(ckpt.weights))
+
+
 def build_decoder(
     ckpt: Checkpoint,
     skip: SkipSet,
@@ -251,6 +272,8 @@ def build_decoder(
     contract = GraphContract(
         skip.kept, spec.kv_heads, hd, "float16" if quant.mode == "fp16" else "float32", logits_to_keep=True
     )
+    if quant.keeps_gguf_blocks:
+        ckpt = _with_kept_blocks(ckpt)
     try:
         embedded, tied = _embedding(g, ckpt, quant, fdt)
         attention_inputs = _attention_inputs(g, ckpt, skip, max_context or spec.max_context)

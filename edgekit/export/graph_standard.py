@@ -203,6 +203,8 @@ def build_standard_decoder(
     on_layer: Callable[[int], None] | None = None,
 ) -> tuple[GraphContract, str | None]:
     """Write `model_path` in plain ONNX ops. Same signature and contract as `graph.build_decoder`."""
+    if quant.keeps_gguf_blocks:
+        raise EdgekitError("--quant keep needs the fused flavour (MatMulNBits); the standard graph has int8/fp16/fp32")
     if quant.mode == "int4" or quant.bits_for("lm_head") == 4:
         raise EdgekitError(
             "the standard graph (mobile EPs) has no int4 weights; use --quant int8, fp16 or fp32 with it"

@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
+from edgekit.export.gguf_blocks import Blocks, matmul_nbits
 from edgekit.export.quantize import QuantConfig, matmul_node, quantize_node
 
 OPSET = 21  # int4 tensors need opset 21 / IR 10
@@ -118,12 +119,17 @@ class GraphWriter:
     def float_const(self, name: str, array: np.ndarray) -> str:
         return self.const(name, array.astype(self.quant.float_dtype))
 
-    def linear(self, x: str, weight: np.ndarray, name: str, role: str, bias: np.ndarray | None = None) -> str:
-        """y = x @ weight.T (+ bias), weight in Hugging Face [out, in] layout."""
+    def linear(self, x: str, weight: np.ndarray | Blocks, name: str, role: str, bias: np.ndarray | None = None) -> str:
+        """y = x @ weight.T (+ bias), weight in Hugging Face [out, in] layout (or a GGUF's own blocks)."""
         w_name, out = f"{name}.weight", f"{name}/MatMul/out"
         node = matmul_node(x, w_name, out, f"{name}/MatMul")
         bits = self.quant.bits_for(role)
-        if bits is None:
+        if isinstance(weight, Blocks):
+            node, inits = matmul_nbits(x, weight, w_name, out, f"{name}/MatMulNBits", self.quant.accuracy_level)
+            for t in inits:
+                self.sink.add(t)
+            self.nodes.append(node)
+        elif bits is None:
             self.float_const(w_name, weight.T)
             self.nodes.append(node)
         else:

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 from edgekit.errors import EdgekitError
 
-QUANT_MODES = ("fp32", "fp16", "int8", "int4")
+QUANT_MODES = ("fp32", "fp16", "int8", "int4", "keep")  # keep: a GGUF's own blocks (gguf_blocks.py)
 # How int8 MatMuls run. "blockwise": MatMulNBits, blocks of --block-size, int8 activations per block.
 # "dynamic": int8 weights per output channel, activations quantized per tensor at run time
 # (DynamicQuantizeLinear + MatMulIntegerToFloat, MLAS's QGEMM). Same decode speed, but QGEMM prefills
@@ -53,7 +53,12 @@ class QuantConfig:
 
     @property
     def bits(self) -> int | None:
-        return {"int8": 8, "int4": 4}.get(self.mode)
+        # keep: the GGUF's blocks stay as they are; what has none that MatMulNBits runs is quantized to 4 bits
+        return {"int8": 8, "int4": 4, "keep": 4}.get(self.mode)
+
+    @property
+    def keeps_gguf_blocks(self) -> bool:
+        return self.mode == "keep"
 
     @property
     def float_dtype(self) -> np.dtype:
@@ -80,6 +85,14 @@ class QuantConfig:
         d["quantizer"] = "onnxruntime DefaultWeightOnlyQuantizer (MatMulNBits / GatherBlockQuantized)"
         if self.int8_kernel == "dynamic":
             d["quantizer"] = "per-channel symmetric int8 (DynamicQuantizeLinear + MatMulIntegerToFloat)"
+        if self.keeps_gguf_blocks:
+            d["lm_head"] = d["embedding"] = "as stored in the GGUF (see source.gguf.tensor_type_by_name)"
+            d["scheme"] = (
+                "GGUF blocks kept: Q4_0/Q8_0 → MatMulNBits (default zero points), Q4_1 → MatMulNBits with float "
+                "zero points, Q8_0 embedding → GatherBlockQuantized; other tensors: float if stored float, else "
+                f"int4 block {self.block_size} (onnxruntime)"
+            )
+            d["quantizer"] = "edgekit.export.gguf_blocks (no requantization) + onnxruntime for the rest"
         return d
 
 

@@ -1,0 +1,59 @@
+"""GGUF in, bundle out: random GGUFs written the way llama.cpp writes them, through the real export."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from gguf_testing import write_random_gguf
+
+from edgekit.checkpoint.resolve import resolve_model
+from edgekit.export.pipeline import ExportRequest, export
+from edgekit.export.quantize import QuantConfig
+
+
+def _export(gguf: Path, out: Path, **quant) -> dict:
+    return export(ExportRequest(model=str(gguf), quant=QuantConfig(**quant), output=out)).manifest
+
+
+def test_q8_gguf_exports_at_fp32_parity_and_records_its_source(tmp_path):
+    gguf = tmp_path / "tiny.gguf"
+    write_random_gguf(gguf, qtype="Q8_0", n_layers=3)
+    m = _export(gguf, tmp_path / "b")
+    v = m["verification"]
+    assert v["passed"] and v["greedy_match"], v  # against the dequantized PyTorch model, fp32 tolerance
+    src = m["source"]["gguf"]
+    assert src["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert src["file"] == "tiny.gguf" and src["tensor_types"]["Q8_0"] == 1 + 3 * 7
+    assert src["tensor_type_by_name"]["model.layers.0.self_attn.q_proj.weight"] == "Q8_0"
+    assert m["architecture"]["num_layers"] == 3 and m["architecture"]["tie_word_embeddings"] is True
+    assert (tmp_path / "b" / "tokenizer_config.json").is_file()
+
+
+def test_keep_uses_the_gguf_blocks_without_a_second_rounding(tmp_path):
+    """Q4_1 matrices and a Q8_0 embedding (SmolLM2's mix): kept blocks match the dequantized model to fp32
+    rounding (accuracy level 0: fp32 compute), where requantizing to int4 moves the logits far more."""
+    gguf = tmp_path / "q41.gguf"
+    write_random_gguf(gguf, qtype="Q4_1", embed_qtype="Q8_0", n_layers=2)
+    keep = _export(gguf, tmp_path / "keep", mode="keep", accuracy_level=0)["verification"]
+    int4 = _export(gguf, tmp_path / "int4", mode="int4", accuracy_level=0, lm_head_bits=8)["verification"]
+    assert keep["max_abs_logit_diff"] < 1e-4 * max(1.0, keep["max_abs_logit"]), keep
+    assert keep["top1_agreement"] == 1.0 and keep["greedy_match"]
+    assert int4["max_abs_logit_diff"] > 50 * keep["max_abs_logit_diff"], (keep, int4)
+    graph = (tmp_path / "keep" / "model.onnx").read_bytes()
+    assert b"MatMulNBits" in graph and b"GatherBlockQuantized" in graph
+
+
+def test_keep_refuses_a_model_that_is_not_gguf(tmp_path, stories_path):
+    from edgekit.errors import EdgekitError
+
+    with pytest.raises(EdgekitError, match=r"keep.*GGUF"):
+        export(ExportRequest(model=str(stories_path), quant=QuantConfig(mode="keep"), output=tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_folder_holding_one_gguf_resolves_to_it(tmp_path):
+    write_random_gguf(tmp_path / "only.gguf")
+    r = resolve_model(str(tmp_path))
+    assert r.path == (tmp_path / "only.gguf").resolve() and r.how == "local-gguf"
