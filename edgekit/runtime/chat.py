@@ -286,7 +286,9 @@ class Conversation:
         conv.add_assistant(reply)                 # the reply is already in the cache
 
     The prefix check is done on text, so it can't see a tokenizer merging across the old/new boundary; for templates
-    whose turns are separated by special tokens (ChatML, Llama 3, Gemma) that can't happen.
+    whose turns are separated by special tokens (ChatML, Llama 3, Gemma) that can't happen. edgekit's own Generator
+    (generator.py, `chat_session`) compares token ids with its KV cache instead, which also covers that case and a
+    reply generated in a non-canonical tokenization; this class is for runtimes that can only be handed text.
     """
 
     def __init__(self, system_prompt: str | None = None) -> None:
