@@ -84,7 +84,20 @@ ROWS: list[Row] = [
     # --- where the model comes from ---
     Row("missing-path", (*EXPORT, "./no-such-model"), r"not found"),
     Row("missing-hub-id", (*EXPORT, "nobody/no-such-model"), r"not found.*Hugging Face cache"),
-    Row("model-path-is-a-file", (*EXPORT, "{m}/llama/config.json"), r"is a file"),
+    Row("model-path-is-a-file", (*EXPORT, "{m}/llama/config.json"), r"config\.json is not a GGUF file \(bad magic"),
+    # --- GGUF files ---
+    Row("gguf-not-gguf", (*EXPORT, "{m}/gguf/not-gguf.gguf"), r"not-gguf\.gguf is not a GGUF file"),
+    Row("gguf-truncated", (*EXPORT, "{m}/gguf/truncated.gguf"), r"truncated\.gguf is truncated"),
+    Row("gguf-unsupported-architecture", (*EXPORT, "{m}/gguf/phi3.gguf"), r"GGUF architecture 'phi3' is not supported"),
+    Row("gguf-unsupported-tensor-type", (*EXPORT, "{m}/gguf/f64.gguf"), r"output\.weight has type F64"),
+    Row("gguf-no-tokenizer", (*EXPORT, "{m}/gguf/no-tokenizer.gguf"), r"has no tokenizer metadata"),
+    Row("gguf-folder-with-two", (*EXPORT, "{m}/gguf"), r"holds \d+ GGUF files"),
+    Row("gguf-keep-without-gguf", (*EXPORT, "stories260k", "--quant", "keep"), r"--quant keep .*GGUF"),
+    Row(
+        "gguf-keep-standard-flavour",
+        (*EXPORT, "{m}/gguf-ok/ok.gguf", "--quant", "keep", "--flavour", "standard"),
+        r"--quant keep needs the fused flavour",
+    ),
     Row("folder-not-a-model", (*EXPORT, "{m}/empty"), r"no config\.json"),
     Row("config-not-json", (*EXPORT, "{m}/config-not-json"), r"not valid JSON"),
     Row("config-not-an-object", (*EXPORT, "{m}/config-list"), r"JSON object"),
@@ -334,6 +347,22 @@ def _build_broken_models(root: Path) -> None:
     torch.save({**sd, "model.norm.weight": _Evil(root / "PWNED-zip")}, d / "pytorch_model.bin")
     d = _checkpoint(root, "evil-raw-pickle", weights=False)
     (d / "pytorch_model.bin").write_bytes(pickle.dumps({"model.norm.weight": _Evil(root / "PWNED-raw")}))
+    _build_broken_ggufs(root / "gguf", root / "gguf-ok")
+
+
+def _build_broken_ggufs(bad: Path, ok: Path) -> None:
+    import numpy as np
+    from gguf_testing import write_random_gguf
+
+    bad.mkdir()
+    ok.mkdir()
+    write_random_gguf(ok / "ok.gguf", qtype="Q8_0")
+    (bad / "not-gguf.gguf").write_bytes(b"PK\x03\x04" + bytes(4096))
+    data = (ok / "ok.gguf").read_bytes()
+    (bad / "truncated.gguf").write_bytes(data[: len(data) // 2])
+    write_random_gguf(bad / "phi3.gguf", arch="phi3")
+    write_random_gguf(bad / "f64.gguf", extra_tensors={"output.weight": np.zeros((128, 64), dtype=np.float64)})
+    write_random_gguf(bad / "no-tokenizer.gguf", tokenizer=False)
 
 
 # --- running the rows ---
@@ -360,6 +389,7 @@ def _tree(d: Path) -> set[str]:
 
 def _env(tmp: Path) -> dict[str, str]:
     env = {**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp.parent / "hf-home")}
+    env["EDGEKIT_CACHE"] = str(tmp.parent / "edgekit-cache")  # GGUF conversions: outside the checked folders
     env.pop("EDGEKIT_DEBUG", None)
     return env
 
