@@ -290,19 +290,17 @@ def open_checkpoint(
     path: Path, source_id: str, trust_remote_code: bool = False, allow_pickle: bool = False
 ) -> Checkpoint:
     """A Hugging Face folder, or a GGUF file (its config and tokenizer converted once into the cache)."""
-    source: dict[str, Any] = {}
-    if path.is_file():
-        gguf = open_gguf(path)
-        folder, files, weights = gguf.folder, [path], gguf.weights
-        source = {"gguf": gguf.manifest}
-        config, config_sha = _read_config(folder, trust_remote_code=False)
-    else:
-        config, config_sha = _read_config(path, trust_remote_code)
-        folder, files = path, _weight_files(path, allow_pickle)
-        weights = WeightSource(files, pickle_ok=allow_pickle)
+    gguf = open_gguf(path) if path.is_file() else None
+    folder = gguf.folder if gguf else path
+    config, config_sha = _read_config(folder, trust_remote_code and gguf is None)
     family = family_for(config)
     check_supported(config, family)
     spec = _check_spec(ModelSpec.from_config(config, family))
+    if gguf is not None:
+        files, weights, source = [path], gguf.weights, {"gguf": gguf.manifest}
+    else:
+        files, source = _weight_files(path, allow_pickle), {}
+        weights = WeightSource(files, pickle_ok=allow_pickle)
     _check_shapes(weights, spec, family)
     return Checkpoint(folder, source_id, config, family, spec, config_sha, files, weights, source)
 
