@@ -4,9 +4,12 @@ Three GGUF block formats map exactly onto onnxruntime's MatMulNBits (blocks of 3
 one scale per block, w = scale · (q − zero_point)):
 - Q4_0: w = d · (q − 8), q in 0..15. MatMulNBits' default 4-bit zero point is 8: scales only.
 - Q8_0: w = d · q, q in −128..127. Stored as q + 128 with the default 8-bit zero point 128.
-- Q4_1: w = d · q + m. The same as d · (q − (−m/d)): a *float* zero point per block, which MatMulNBits
-  takes, but MLAS then runs its float dequantize path instead of the int8-compute kernel (about 50x
-  slower per token at M = 1 on this machine; see BENCHMARKS.md). Exact, slow.
+- Q4_1: w = d · q + m = d · (q − 8) + (m + 8d). The first term is a Q4_0-style block (default zero
+  point), the second a per-block constant c, so x · wᵀ = MatMulNBits(x) + Σ_b (Σ_{k in b} x_k) · c_b:
+  block sums of x times a small [K/32, N] float matrix, added to the MatMulNBits output. Exact, and it
+  runs MLAS's int8-compute kernel. Why not MatMulNBits' float zero points (−m/d), which say the same in
+  one node: MLAS then takes its float dequantize path, 50x slower per token at M = 1 on this machine
+  (2.0 ms against 40 µs for a 576 × 1536 matrix; BENCHMARKS.md).
 Everything else (F32/F16 norms, K-quants) is dequantized and goes the usual way. Embedding tables stored
 as Q8_0 become an 8-bit GatherBlockQuantized.
 
@@ -38,7 +41,8 @@ class Blocks:
     bits: int
     packed: np.ndarray  # uint8
     scales: np.ndarray  # float32 [N, K/32]
-    zero_points: np.ndarray | None  # float32 [N, K/32] (Q4_1 only); None: the default 2^(bits-1)
+    zero_points: np.ndarray | None  # float32 [N, K/32], or None: the default 2^(bits-1)
+    offsets: np.ndarray | None = None  # float32 [N, K/32]: a constant added to every weight of a block (Q4_1)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -48,7 +52,10 @@ class Blocks:
     def dequantize(self) -> np.ndarray:
         q = _unpack(self.packed, self.bits).astype(np.float32)
         zp = self.zero_points[..., None] if self.zero_points is not None else float(2 ** (self.bits - 1))
-        return ((q - zp) * self.scales[..., None]).reshape(self.shape)
+        w = (q - zp) * self.scales[..., None]
+        if self.offsets is not None:
+            w += self.offsets[..., None]
+        return w.reshape(self.shape)
 
 
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -80,32 +87,54 @@ def from_gguf(gguf_type: str, raw: np.ndarray, shape: tuple[int, ...]) -> Blocks
     if gguf_type == "Q4_0":
         return Blocks(gguf_type, 4, _pack4(q), d, None)
     m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    flat = d == 0  # a constant block (w = m): scale m, q 1, zero point 0
-    q = np.where(flat[..., None], np.uint8(1), q).astype(np.uint8)
-    scales = np.where(flat, m, d).astype(np.float32)
-    zero_points = np.where(flat, 0.0, -m / np.where(flat, 1.0, d)).astype(np.float32)
-    return Blocks(gguf_type, 4, _pack4(q), scales, zero_points)
+    return Blocks(gguf_type, 4, _pack4(q), d, None, offsets=m + 8 * d)
 
 
 def concat_rows(parts: list[Blocks]) -> Blocks | None:
     """Stack weights along the output axis (fused QKV); None when their formats differ."""
     first = parts[0]
-    same = all(p.bits == first.bits and (p.zero_points is None) == (first.zero_points is None) for p in parts)
-    if not same or len({p.shape[1] for p in parts}) != 1:
+    if any(p.bits != first.bits or (p.zero_points is None) != (first.zero_points is None) for p in parts):
+        return None
+    if len({p.shape[1] for p in parts}) != 1:
         return None
     zps = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])  # type: ignore[misc]
+    offsets = None
+    if any(p.offsets is not None for p in parts):  # Q4_0 rows beside Q4_1 rows: their offset is 0
+        offsets = np.concatenate([p.offsets if p.offsets is not None else np.zeros_like(p.scales) for p in parts])
     return Blocks(
         "+".join(sorted({p.gguf_type for p in parts})),
         first.bits,
         np.concatenate([p.packed for p in parts]),
         np.concatenate([p.scales for p in parts]),
         zps,
+        offsets,
     )
 
 
 def matmul_nbits(
     x: str, blocks: Blocks, weight_name: str, out: str, name: str, accuracy_level: int
-) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """MatMulNBits over the blocks; with offsets (Q4_1), plus block sums of x times the offsets."""
+    if blocks.offsets is None:
+        return _matmul_nbits(x, blocks, weight_name, out, name, accuracy_level)
+    k = blocks.shape[1]
+    nodes, inits = _matmul_nbits(x, blocks, weight_name, f"{out}/blocks", name, accuracy_level)
+    shape = numpy_helper.from_array(np.array([0, 0, k // BLOCK, BLOCK], np.int64), f"{weight_name}_block_shape")
+    axes = numpy_helper.from_array(np.array([-1], np.int64), f"{weight_name}_block_axis")
+    offsets = numpy_helper.from_array(np.ascontiguousarray(blocks.offsets.T), f"{weight_name}_block_offsets")
+    sums = f"{out}/x_sums"
+    nodes += [
+        helper.make_node("Reshape", [x, shape.name], [f"{out}/x_blocks"], name=f"{name}/x_blocks"),
+        helper.make_node("ReduceSum", [f"{out}/x_blocks", axes.name], [sums], name=f"{name}/x_sums", keepdims=0),
+        helper.make_node("MatMul", [sums, offsets.name], [f"{out}/offsets"], name=f"{name}/offsets"),
+        helper.make_node("Add", [f"{out}/blocks", f"{out}/offsets"], [out], name=f"{name}/add_offsets"),
+    ]
+    return nodes, [*inits, shape, axes, offsets]
+
+
+def _matmul_nbits(
+    x: str, blocks: Blocks, weight_name: str, out: str, name: str, accuracy_level: int
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     n, k = blocks.shape
     inits = [
         numpy_helper.from_array(blocks.packed, f"{weight_name}_Q{blocks.bits}"),
@@ -127,14 +156,14 @@ def matmul_nbits(
         block_size=BLOCK,
         accuracy_level=accuracy_level,
     )
-    return node, inits
+    return [node], inits
 
 
 def gather_blocks(
     blocks: Blocks, table_name: str, ids: str, out: str, name: str
 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """An embedding lookup straight from 8-bit blocks (GatherBlockQuantized takes no float zero points)."""
-    if blocks.bits != 8 or blocks.zero_points is not None:
+    if blocks.bits != 8 or blocks.zero_points is not None or blocks.offsets is not None:
         raise EdgekitError(f"internal: {blocks.gguf_type} embedding blocks cannot feed GatherBlockQuantized")
     n, k = blocks.shape
     inits = [

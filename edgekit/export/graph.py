@@ -139,7 +139,7 @@ def _embedding(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, fdt: int) -
             g.sink.add(t)
         g.nodes.append(node)
         return "/embed/out", (embed if ckpt.spec.tie_embeddings else None)
-    if isinstance(embed, Blocks):  # 4-bit GGUF tables have float zero points, which the gather cannot take
+    if isinstance(embed, Blocks):  # a 4-bit GGUF table: requantized below (GatherBlockQuantized has no offsets)
         embed = embed.dequantize()
     if quant.embedding_quantized:
         gather = helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["/embed/out"], name="/embed")

@@ -125,10 +125,10 @@ class GraphWriter:
         node = matmul_node(x, w_name, out, f"{name}/MatMul")
         bits = self.quant.bits_for(role)
         if isinstance(weight, Blocks):
-            node, inits = matmul_nbits(x, weight, w_name, out, f"{name}/MatMulNBits", self.quant.accuracy_level)
-            for t in inits:
-                self.sink.add(t)
-            self.nodes.append(node)
+            nodes, inits = matmul_nbits(x, weight, w_name, out, f"{name}/MatMulNBits", self.quant.accuracy_level)
+            for init in inits:
+                self.sink.add(init)
+            self.nodes.extend(nodes)
         elif bits is None:
             self.float_const(w_name, weight.T)
             self.nodes.append(node)

@@ -88,8 +88,9 @@ class QuantConfig:
         if self.keeps_gguf_blocks:
             d["lm_head"] = d["embedding"] = "as stored in the GGUF (see source.gguf.tensor_type_by_name)"
             d["scheme"] = (
-                "GGUF blocks kept: Q4_0/Q8_0 → MatMulNBits (default zero points), Q4_1 → MatMulNBits with float "
-                "zero points, Q8_0 embedding → GatherBlockQuantized; other tensors: float if stored float, else "
+                "GGUF blocks kept: Q4_0/Q8_0 → MatMulNBits (default zero points), Q4_1 → MatMulNBits (q − 8) plus "
+                "block sums × (m + 8d), Q8_0 embedding → GatherBlockQuantized; other tensors: float if stored "
+                "float, else "
                 f"int4 block {self.block_size} (onnxruntime)"
             )
             d["quantizer"] = "edgekit.export.gguf_blocks (no requantization) + onnxruntime for the rest"
