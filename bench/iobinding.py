@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from edgekit.runtime.generator import KVEngine
+from edgekit.runtime.kv_engine import KVEngine
 from edgekit.runtime.providers import RuntimeOptions, create_session
 from edgekit.runtime.session import DecoderSession
 

@@ -52,8 +52,12 @@ def test_missing_model_says_where_it_looked(tmp_path, monkeypatch):
         resolve_model("no-such-model")
 
 
-def test_file_is_not_a_model(tmp_path):
+def test_a_file_is_taken_for_a_gguf_and_refused_when_it_is_not_one(tmp_path):
+    from edgekit.checkpoint.load import open_checkpoint
+
     f = tmp_path / "weights.onnx"
     f.write_text("x")
-    with pytest.raises(EdgekitError, match="is a file"):
-        resolve_model(str(f))
+    r = resolve_model(str(f))
+    assert r.how == "local-gguf" and r.path == f.resolve()
+    with pytest.raises(EdgekitError, match=r"weights\.onnx is not a GGUF file \(bad magic"):
+        open_checkpoint(r.path, r.source_id)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from edgekit.errors import EdgekitError
-from edgekit.runtime.generator import GenerationConfig, Generator, KVEngine, Sampler
+from edgekit.runtime.generator import Generator
+from edgekit.runtime.kv_engine import KVEngine
+from edgekit.runtime.sampling import GenerationConfig, Sampler
 from edgekit.runtime.session import DecoderSession
 
 PROMPT = "Once upon a time"

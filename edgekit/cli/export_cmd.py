@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from edgekit.cli.options import checkpoint_options, skip_options
 from edgekit.cli.output import emit_json, human_bytes, layer_list
 from edgekit.export.memory import parse_size
-from edgekit.export.pipeline import ExportRequest, ExportResult, export
+from edgekit.export.pipeline import ExportRequest, ExportResult, default_quant, export
 from edgekit.export.quantize import INT8_KERNELS, QUANT_MODES, QuantConfig
 from edgekit.quality.gate import parse_increase
 from edgekit.skip.skipset import parse_skip_count
@@ -24,9 +24,8 @@ from edgekit.targets.recipes import get_recipe, resolve_options
 @click.option(
     "--quant",
     type=click.Choice(QUANT_MODES),
-    default="fp32",
-    show_default=True,
-    help="Weight format: int8/int4 use onnxruntime's MatMulNBits.",
+    help="Weight format: int8/int4 use onnxruntime's MatMulNBits; keep (GGUF only) keeps the file's own "
+    "Q4_0/Q4_1/Q8_0 blocks [default: keep for a GGUF, else fp32].",
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle folder [default: out/NAME-skipN-QUANT].")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
@@ -109,12 +108,14 @@ from edgekit.targets.recipes import get_recipe, resolve_options
 def command(model: str, as_json: bool, **options: Any) -> None:
     """Strip attention sublayers, export to ONNX with a KV cache, quantize, verify, bundle.
 
-    MODEL is an alias (see `edgekit models`), a local Hugging Face checkpoint folder, or a hub id
-    already in the local Hugging Face cache.
+    MODEL is an alias (see `edgekit models`), a local Hugging Face checkpoint folder, a GGUF file (or a
+    folder holding one), or a hub id already in the local Hugging Face cache.
 
     \b
     Examples:
       edgekit export stories260k --skip 2 --quant int4
+      edgekit export SmolLM2-135M-Instruct.Q4_1.gguf --skip auto:2      # a GGUF: its own blocks kept
+      edgekit export smollm2-135m-instruct --quant int8                 # the same file, fetched by `make models`
       edgekit export llama2-7b --skip 8 --quant int8 -o out/llama2-7b-skip8-int8
       edgekit export ./my-llama-checkpoint --skip-layers 20,24-31 --quant int4
       edgekit export stories260k --skip auto:2 --calib my-text.txt   # the 2 least important (analyze)
@@ -140,7 +141,7 @@ def _request(model: str, as_json: bool, o: dict[str, Any]) -> ExportRequest:
         if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
     }
     r = resolve_options(chosen, given, dict(ctx.params))
-    quant = r["quant"]
+    quant = r["quant"] or default_quant(model, o["allow_download"])
     if r["lm_head_bits"] is None:
         # int4 on lm_head costs measurable perplexity (see the export issue's note); 8 bits keeps it.
         lm_bits = 8 if quant in ("int4", "keep") else None

@@ -72,6 +72,12 @@ class ExportResult:
     seconds: dict[str, float]
 
 
+def default_quant(model: str, allow_download: bool = False) -> str:
+    """A GGUF's own blocks (no second rounding: +0.5% perplexity on SmolLM2's Q4_1 file, where requantizing
+    to int4 costs +23% at the same decode speed; BENCHMARKS.md), else fp32."""
+    return "keep" if resolve_model(model, allow_download).path.is_file() else "fp32"
+
+
 def default_output(resolved: ResolvedModel, skip: SkipSet, quant: QuantConfig) -> Path:
     name = resolved.source_id.rstrip("/").split("/")[-1].lower().removesuffix(".gguf") or "model"
     return Path("out") / f"{name}-skip{len(skip.skipped)}-{quant.mode}"

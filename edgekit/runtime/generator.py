@@ -36,179 +36,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from edgekit.bundle.folder import Bundle, open_bundle
 from edgekit.errors import EdgekitError
+from edgekit.runtime.kv_engine import CAPACITY_STEP, KVEngine
 from edgekit.runtime.providers import RuntimeOptions, create_session
+from edgekit.runtime.sampling import GenerationConfig, Sampler
 
 if TYPE_CHECKING:  # chat.py needs jinja2, imported only when a chat is run
     from edgekit.runtime.chat import ChatTemplate
-
-_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-_CAPACITY_STEP = 256  # grow the KV buffers in these steps, so similar calls reuse them
-_KEEP_LAST, _KEEP_ALL = np.array([1], np.int64), np.array([0], np.int64)  # `logits_to_keep` values
-_DEVICE_BUFFERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
-
-
-class KVEngine:
-    """One sequence's forward steps over a shared past/present KV buffer (batch 1)."""
-
-    def __init__(self, session: ort.InferenceSession, capacity: int = 0, shared: bool = True) -> None:
-        self.session = session
-        # The standard graph flavour (graph_standard.py) concatenates past and new keys, so its present is a
-        # new tensor one step longer: it cannot share a buffer; its past is fed as a copy and present copied back.
-        self.shared = shared
-        ins = {i.name: i for i in session.get_inputs()}
-        self.past_names = [n for n in ins if n.startswith("past_key_values.")]
-        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
-        if self.past_names:
-            first = ins[self.past_names[0]]
-            self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
-            self.kv_dtype = _NP_DTYPES[first.type]
-        else:  # every layer's attention removed: no cache at all
-            self.kv_heads, self.head_dim, self.kv_dtype = 0, 0, np.float32
-        self.vocab = int(session.get_outputs()[0].shape[-1])
-        self._device = _DEVICE_BUFFERS.get(session.get_providers()[0], "cpu")
-        self.capacity = 0
-        self.length = 0  # positions already in the cache
-        self._io = session.io_binding()
-        self._buffers: list[Any] = []  # numpy arrays (CPU) or OrtValues (device) that back the bindings
-        self._logits = np.empty((1, 1, self.vocab), np.float32)
-        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
-        # Bound first so it is output 0: IO binding returns outputs in the order they were first bound.
-        self._io.bind_ortvalue_output("logits", self._logits_value)
-        self._mask = np.ones((1, 0), np.int64)
-        # Graphs with a `logits_to_keep` input (fused flavour) can skip lm_head for all but the last position.
-        self._can_keep_last = "logits_to_keep" in ins
-        self.reserve(capacity)
-
-    @property
-    def kv_bytes(self) -> int:
-        """Bytes held by the KV buffers now."""
-        itemsize = np.dtype(self.kv_dtype).itemsize
-        return len(self.past_names) * self.kv_heads * self.capacity * self.head_dim * itemsize
-
-    def reserve(self, capacity: int) -> None:
-        """Make the buffers hold `capacity` positions (allocates only when growing; keeps no old content)."""
-        if capacity <= self.capacity:
-            return
-        self.capacity = capacity
-        self._mask = np.ones((1, capacity), np.int64)
-        shape = (1, self.kv_heads, capacity, self.head_dim)
-        self._buffers = []
-        for past, present in zip(self.past_names, self.present_names, strict=True):
-            if self._device == "cpu":
-                array = np.zeros(shape, self.kv_dtype)
-                value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy memory
-                self._buffers.append(array)
-            else:
-                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self._device, 0)
-                self._buffers.append(value)
-            # The same OrtValue on both sides is what puts GroupQueryAttention in shared-buffer mode.
-            if self.shared:
-                self._io.bind_ortvalue_input(past, value)
-                self._io.bind_ortvalue_output(present, value)
-        self.length = 0
-
-    def reset(self) -> None:
-        """Forget the sequence; the buffers stay (stale positions are never read: the mask bounds them)."""
-        self.length = 0
-
-    def truncate(self, length: int) -> None:
-        """Keep only the first `length` cached positions; the next forward continues after them."""
-        if not 0 <= length <= self.length:
-            raise EdgekitError(f"cannot keep {length} cached positions: the cache holds {self.length}")
-        self.length = length
-
-    def forward(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray:
-        """Feed `ids` after what is cached; logits [len(ids), vocab], or [1, vocab] for the last position
-        only with `all_logits=False` (what generation needs; the graph then skips the rest of lm_head).
-        A single row is a view of a preallocated output buffer, overwritten by the next step: copy it to keep it."""
-        n = len(ids)
-        total = self.length + n
-        if n == 0:
-            raise EdgekitError("nothing to run: empty input")
-        if total > self.capacity:
-            raise EdgekitError(f"KV cache holds {self.capacity} positions; {total} needed (reserve more)")
-        self._io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
-        self._io.bind_cpu_input("attention_mask", self._mask[:, :total])
-        one_row = n == 1 or (not all_logits and self._can_keep_last)
-        if self._can_keep_last:
-            self._io.bind_cpu_input("logits_to_keep", _KEEP_LAST if one_row else _KEEP_ALL)
-        if one_row:
-            self._io.bind_ortvalue_output("logits", self._logits_value)
-        else:
-            self._io.bind_output("logits", "cpu")  # onnxruntime allocates [1, n, vocab]
-        if not self.shared:
-            for past, present, buf in zip(self.past_names, self.present_names, self._buffers, strict=True):
-                self._io.bind_cpu_input(past, np.ascontiguousarray(buf[:, :, : self.length]))
-                self._io.bind_output(present, "cpu")
-        self.session.run_with_iobinding(self._io)
-        if not self.shared:  # outputs come back in first-bound order: logits, then the presents
-            for buf, value in zip(self._buffers, self._io.get_outputs()[1:], strict=True):
-                buf[:, :, :total] = value.numpy()
-        self.length = total
-        if one_row:
-            return self._logits[0]
-        logits = self._io.get_outputs()[0].numpy()[0]
-        return logits if all_logits else logits[-1:]
-
-    def kv(self, slot: int, kind: str = "key") -> np.ndarray:
-        """The valid part of one cache slot [1, kv_heads, length, head_dim] (CPU buffers only; a view)."""
-        array = self._buffers[2 * slot + (kind == "value")]
-        if not isinstance(array, np.ndarray):
-            raise EdgekitError("the KV cache lives on the device; it cannot be viewed from numpy")
-        return array[:, :, : self.length]
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: no limit
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_on_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise EdgekitError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
-        if self.temperature < 0:
-            raise EdgekitError(f"--temperature {self.temperature}: must be 0 (greedy) or positive")
-        if self.top_k < 0:
-            raise EdgekitError(f"--top-k {self.top_k}: must be 0 (off) or positive")
-        if not 0 < self.top_p <= 1:
-            raise EdgekitError(f"--top-p {self.top_p}: must be in (0, 1]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-class Sampler:
-    """Greedy, or temperature → top-k → top-p sampling from one seeded generator."""
-
-    def __init__(self, config: GenerationConfig) -> None:
-        self.config = config
-        self.rng = np.random.default_rng(config.seed)
-
-    def __call__(self, logits: np.ndarray) -> int:
-        c = self.config
-        if c.greedy:
-            return int(np.argmax(logits))
-        x = logits.astype(np.float64) / c.temperature
-        ids = np.arange(x.shape[0])
-        if 0 < c.top_k < x.shape[0]:
-            ids = np.argpartition(-x, c.top_k - 1)[: c.top_k]
-        order = ids[np.argsort(-x[ids], kind="stable")]
-        p = np.exp(x[order] - x[order[0]])
-        p /= p.sum()
-        if c.top_p < 1.0:
-            # the smallest prefix whose mass reaches top_p (the top token always stays)
-            keep = int(np.searchsorted(np.cumsum(p), c.top_p)) + 1
-            order, p = order[:keep], p[:keep] / p[:keep].sum()
-        return int(order[self.rng.choice(len(order), p=p)])
 
 
 class _Detokenizer:
@@ -345,7 +181,7 @@ class Generator:
         # the last generated token is never fed, hence the - 1
         needed = min(self.max_context, len(ids) + config.max_new_tokens - 1)
         if needed > self.engine.capacity:  # growing drops the old content: feed everything
-            self.engine.reserve(min(self.max_context, -(-needed // _CAPACITY_STEP) * _CAPACITY_STEP))
+            self.engine.reserve(min(self.max_context, -(-needed // CAPACITY_STEP) * CAPACITY_STEP))
             keep = 0
         self.engine.truncate(keep)
         self._cached = ids[:keep]
