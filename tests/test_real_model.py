@@ -126,3 +126,16 @@ def test_eval_and_analyze_the_gguf_checkpoint(smollm2_gguf, corpora):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["layers"]) == 30 and len(out["recommendation"]["auto"]) == 4, out.keys()
+
+
+def test_sweep_on_the_gguf(smollm2_gguf, corpora, tmp_path):
+    """A small skip × format grid on the real model: each configuration exported, scored and profiled."""
+    out = tmp_path / "sweep"
+    args = ["sweep", str(smollm2_gguf), "--skip", "0,2", "--quant", "keep", "--text"]
+    args += [str(corpora / "wikitext-2-valid.txt"), "--max-tokens", "128", "--no-verify", "--runs", "1"]
+    args += ["--gen-len", "4", "--prompt-len", "16", "-o", str(out), "--json"]
+    r = _cli(*args, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["name"]: row for row in json.loads(r.stdout)["results"]}
+    assert {row["status"] for row in rows.values()} == {"ok"}, rows
+    assert len(rows) == 2 and (out / "report.md").is_file()
