@@ -64,3 +64,23 @@ def test_a_folder_holding_one_gguf_resolves_to_it(tmp_path):
     write_random_gguf(tmp_path / "only.gguf")
     r = resolve_model(str(tmp_path))
     assert r.path == (tmp_path / "only.gguf").resolve() and r.how == "local-gguf"
+
+
+def test_int4_q4_1_rounds_like_llama_cpp_and_recovers_a_q4_1_source(tmp_path):
+    """--int4-algo q4_1 quantizes with llama.cpp's Q4_1 (gguf.quants): from a Q4_1 source it finds the same
+    blocks again (near-keep error), where onnxruntime's rtn rounds each block's zero point to an integer."""
+    gguf = tmp_path / "q41.gguf"
+    write_random_gguf(gguf, qtype="Q4_1", embed_qtype="Q8_0", n_layers=2)
+    common = dict(mode="int4", accuracy_level=0, lm_head_bits=8, quantize_embedding=False)  # matrices only
+    q41 = _export(gguf, tmp_path / "q41", int4_algo="q4_1", **common)
+    rtn = _export(gguf, tmp_path / "rtn", **common)
+    assert "Q4_1" in q41["quantization"]["quantizer"]
+    d_q41, d_rtn = q41["verification"]["max_abs_logit_diff"], rtn["verification"]["max_abs_logit_diff"]
+    assert d_q41 * 10 < d_rtn, (d_q41, d_rtn)
+
+
+def test_int4_q4_1_needs_blocks_of_32():
+    from edgekit.errors import EdgekitError
+
+    with pytest.raises(EdgekitError, match=r"q4_1 has blocks of 32"):
+        QuantConfig(mode="int4", int4_algo="q4_1", block_size=128)

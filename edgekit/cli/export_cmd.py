@@ -12,7 +12,7 @@ from edgekit.cli.options import checkpoint_options, skip_options
 from edgekit.cli.output import emit_json, human_bytes, layer_list
 from edgekit.export.memory import parse_size
 from edgekit.export.pipeline import ExportRequest, ExportResult, default_quant, export
-from edgekit.export.quantize import INT8_KERNELS, QUANT_MODES, QuantConfig
+from edgekit.export.quantize import INT4_ALGOS, INT8_KERNELS, QUANT_MODES, QuantConfig
 from edgekit.quality.gate import parse_increase
 from edgekit.skip.skipset import parse_skip_count
 from edgekit.targets.recipes import get_recipe, resolve_options
@@ -77,6 +77,14 @@ from edgekit.targets.recipes import get_recipe, resolve_options
     help="fused: onnxruntime contrib ops (CPU); standard: plain ONNX ops for XNNPACK/NNAPI/CoreML/QNN.",
 )
 @click.option("--symmetric/--asymmetric", default=False, help="int4/int8 blocks without/with zero points.")
+@click.option(
+    "--int4-algo",
+    type=click.Choice(INT4_ALGOS),
+    default="rtn",
+    show_default=True,
+    help="int4 rounding. rtn: onnxruntime's, integer zero points; q4_1: llama.cpp's Q4_1 (exact float block "
+    "minimum, run as MatMulNBits + block offsets, same speed).",
+)
 @click.option(
     "--int8-kernel",
     type=click.Choice(INT8_KERNELS),
@@ -158,6 +166,7 @@ def _request(model: str, as_json: bool, o: dict[str, Any]) -> ExportRequest:
             symmetric=r["symmetric"],
             lm_head_bits=lm_bits,
             int8_kernel=o["int8_kernel"],
+            int4_algo=o["int4_algo"],
         ),
         output=o["output"],
         force=o["force"],

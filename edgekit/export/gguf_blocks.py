@@ -212,3 +212,14 @@ def stack_rows(parts: list[np.ndarray | Blocks]) -> np.ndarray | Blocks:
         if kept is not None:
             return kept
     return np.concatenate([p.dequantize() if isinstance(p, Blocks) else p for p in parts])
+
+
+def quantize_q4_1(weight: np.ndarray) -> Blocks:
+    """A float weight [N, K] rounded by llama.cpp's own Q4_1 quantizer (gguf.quants), as Blocks."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    raw = quantize(np.ascontiguousarray(weight, dtype=np.float32), GGMLQuantizationType.Q4_1)
+    blocks = from_gguf("Q4_1", raw, weight.shape)
+    assert blocks is not None  # K % 32 == 0 is checked by the caller
+    return blocks

@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
-from edgekit.export.gguf_blocks import Blocks, matmul_nbits
+from edgekit.export.gguf_blocks import Blocks, matmul_nbits, quantize_q4_1
 from edgekit.export.quantize import QuantConfig, matmul_node, quantize_node
 
 OPSET = 21  # int4 tensors need opset 21 / IR 10
@@ -124,6 +124,13 @@ class GraphWriter:
         w_name, out = f"{name}.weight", f"{name}/MatMul/out"
         node = matmul_node(x, w_name, out, f"{name}/MatMul")
         bits = self.quant.bits_for(role)
+        if (
+            bits == 4
+            and self.quant.int4_algo == "q4_1"
+            and isinstance(weight, np.ndarray)
+            and weight.shape[1] % 32 == 0
+        ):
+            weight = quantize_q4_1(weight)
         if isinstance(weight, Blocks):
             nodes, inits = matmul_nbits(x, weight, w_name, out, f"{name}/MatMulNBits", self.quant.accuracy_level)
             for init in inits:

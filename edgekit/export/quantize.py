@@ -24,6 +24,11 @@ QUANT_MODES = ("fp32", "fp16", "int8", "int4", "keep")  # keep: a GGUF's own blo
 # 2.3-2.6x faster than MatMulNBits' int8-compute GEMM (256 rows, bench/kernels.py); per-tensor activation
 # scales are coarser, so large models with activation outliers may lose more quality (LLM.int8).
 INT8_KERNELS = ("blockwise", "dynamic")
+# How int4 weights are rounded. "rtn": onnxruntime's round-to-nearest with a uint8 zero point per block.
+# "q4_1": llama.cpp's Q4_1 quantizer (gguf.quants): the block's exact float minimum, w = d·q + m, run as
+# MatMulNBits plus block offsets (gguf_blocks.py) at the same speed. The rounded integer zero point is what
+# rtn loses: +19% perplexity on SmolLM2-135M where q4_1 costs +0.3% (BENCHMARKS.md).
+INT4_ALGOS = ("rtn", "q4_1")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class QuantConfig:
     lm_head_bits: int | None = None  # None: the same as the other MatMuls
     quantize_embedding: bool = True  # int4 only: GatherBlockQuantized
     int8_kernel: str = "blockwise"  # int8 only; see INT8_KERNELS
+    int4_algo: str = "rtn"  # int4 (and keep's fallback) only; see INT4_ALGOS
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -50,6 +56,10 @@ class QuantConfig:
             raise EdgekitError(f"--int8-kernel {self.int8_kernel}: choose one of {', '.join(INT8_KERNELS)}")
         if self.int8_kernel == "dynamic" and self.mode != "int8":
             raise EdgekitError("--int8-kernel dynamic needs --quant int8")
+        if self.int4_algo not in INT4_ALGOS:
+            raise EdgekitError(f"--int4-algo {self.int4_algo}: choose one of {', '.join(INT4_ALGOS)}")
+        if self.int4_algo == "q4_1" and (self.block_size != 32 or self.symmetric):
+            raise EdgekitError("--int4-algo q4_1 has blocks of 32 with a float minimum: no --block-size or --symmetric")
 
     @property
     def bits(self) -> int | None:
@@ -85,6 +95,8 @@ class QuantConfig:
         d["quantizer"] = "onnxruntime DefaultWeightOnlyQuantizer (MatMulNBits / GatherBlockQuantized)"
         if self.int8_kernel == "dynamic":
             d["quantizer"] = "per-channel symmetric int8 (DynamicQuantizeLinear + MatMulIntegerToFloat)"
+        if self.int4_algo == "q4_1" and self.bits == 4:
+            d["quantizer"] += "; 4-bit MatMuls: llama.cpp's Q4_1 (gguf.quants) as MatMulNBits + block offsets"
         if self.keeps_gguf_blocks:
             d["lm_head"] = d["embedding"] = "as stored in the GGUF (see source.gguf.tensor_type_by_name)"
             d["scheme"] = (
