@@ -25,6 +25,27 @@ from peak_rss import run
 CONFIGS = ("int4:8", "int4:0", "int8:8", "int8:0")
 
 
+def manifest_record(bundle: Path) -> dict:
+    """What a benchmark keeps of an exported bundle's manifest: size, timings, memory plan, verification."""
+    m = json.loads((bundle / "edgekit.json").read_text())
+    v = m.get("verification") or {}
+    keys = (
+        "method",
+        "max_abs_logit_diff",
+        "top1_agreement",
+        "greedy_match",
+        "ppl_onnx",
+        "ppl_torch_fp32",
+        "ppl_tokens",
+    )
+    return {
+        "bundle_bytes": sum(f["bytes"] for f in m["files"].values()),
+        "timings_s": m["timings_s"],
+        "export_memory": m.get("export_memory"),
+        "verification": {k: v.get(k) for k in keys},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="llama2-7b")
@@ -48,23 +69,7 @@ def main() -> None:
         res["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, shared"
         res["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if res["returncode"] == 0:
-            m = json.loads((out / "edgekit.json").read_text())
-            res["bundle_bytes"] = sum(f["bytes"] for f in m["files"].values())
-            res["timings_s"] = m["timings_s"]
-            res["export_memory"] = m.get("export_memory")
-            v = m.get("verification") or {}
-            res["verification"] = {
-                k: v.get(k)
-                for k in (
-                    "method",
-                    "max_abs_logit_diff",
-                    "top1_agreement",
-                    "greedy_match",
-                    "ppl_onnx",
-                    "ppl_torch_fp32",
-                    "ppl_tokens",
-                )
-            }
+            res |= manifest_record(out)
         print(json.dumps(res), flush=True)
         with open(WORK / "export-7b.jsonl", "a") as f:
             f.write(json.dumps(res) + "\n")

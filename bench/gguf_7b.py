@@ -38,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
+from export_7b import manifest_record  # noqa: E402
 from make_checkpoint import INIT_STD, SHAPES, WORK  # noqa: E402
 from peak_rss import run  # noqa: E402
 
@@ -223,14 +224,7 @@ def export_once(gguf: Path, out: Path, args: argparse.Namespace, extra: list[str
     res["loadavg_before"] = load_before
     res["loadavg_after"] = os.getloadavg()
     if res["returncode"] == 0:
-        m = json.loads((out / "edgekit.json").read_text())
-        res["bundle_bytes"] = sum(f["bytes"] for f in m["files"].values())
-        res["timings_s"] = m["timings_s"]
-        res["export_memory"] = m.get("export_memory")
-        v = m.get("verification") or {}
-        res["verification"] = {
-            k: v.get(k) for k in ("method", "max_abs_logit_diff", "top1_agreement", "greedy_match", "ppl_onnx")
-        }
+        res |= manifest_record(out)
     return res
 
 

@@ -2,8 +2,8 @@
 parity, perplexity on held-out text next to the GGUF's own weights (dequantized, in PyTorch), and decode
 speed, all in one run.
 
-    python bench/smollm2.py                       # fp32, int8, int4, keep; 4,096 tokens per text
-    python bench/smollm2.py --formats int4,keep --tokens 2048
+    python bench/smollm2.py                       # fp32, int8, int4, int4-q4_1, keep; 4,096 tokens per text
+    python bench/smollm2.py --formats int4,keep --tokens 2048   # FORMAT: --quant value, or int4-ALGO
 
 Bundles go to bench/work/smollm2/; one JSON line per run is appended to bench/work/smollm2.jsonl.
 """
@@ -39,7 +39,7 @@ def _ppl(target: str, text: Path, separator: str | None, tokens: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--formats", default="fp32,int8,int4,keep")
+    ap.add_argument("--formats", default="fp32,int8,int4,int4-q4_1,keep")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of each text scored")
     ap.add_argument("--runs", type=int, default=3, help="profile runs per bundle")
     args = ap.parse_args()
@@ -51,7 +51,9 @@ def main() -> None:
     bundles = []
     for fmt in args.formats.split(","):
         out = WORK / "smollm2" / f"smollm2-{fmt}"
-        res = run([edgekit, "export", str(gguf), "--quant", fmt, "-o", str(out), "--force"])
+        quant, _, algo = fmt.partition("-")
+        extra = ["--int4-algo", algo] if algo else []
+        res = run([edgekit, "export", str(gguf), "--quant", quant, *extra, "-o", str(out), "--force"])
         if res["returncode"] != 0:
             raise SystemExit(f"export {fmt} failed")
         m = json.loads((out / "edgekit.json").read_text())

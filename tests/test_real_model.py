@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_targets import genai_tokens
 
 from edgekit.checkpoint.fetch import SMOLLM2
 from edgekit.runtime import GenerationConfig, Generator
@@ -91,14 +92,7 @@ def test_onnxruntime_genai_loads_the_bundle_and_its_template(int4):
     ours = Generator(int4)
     assert prompt == ours.chat_template.render([{"role": "user", "content": QUESTION}])
     ids = list(tokenizer.encode(prompt))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
-    g = og.Generator(model, params)
-    g.append_tokens(ids)
-    theirs = []
-    while not g.is_done():
-        g.generate_next_token()
-        theirs.append(int(g.get_next_tokens()[0]))
+    theirs = genai_tokens(int4, ids, 12)
     mine = ours.generate(ids, GenerationConfig(max_new_tokens=12, stop_on_eos=False)).token_ids
     assert theirs[: len(mine)] == mine[: len(theirs)] and len(theirs) >= 8
 

@@ -294,7 +294,7 @@ def test_fixed_shape_variants_match_the_dynamic_graph(android_bundle):
 # --- onnxruntime-genai --------------------------------------------------------------------------------
 
 
-def _genai_tokens(bundle: Path, prompt: list[int], new_tokens: int) -> list[int]:
+def genai_tokens(bundle: Path, prompt: list[int], new_tokens: int) -> list[int]:
     import onnxruntime_genai as og
 
     model = og.Model(str(bundle))
@@ -317,7 +317,7 @@ def test_onnxruntime_genai_generates_edgekit_tokens(bundle_factory, skip, quant)
     assert cfg["model"]["decoder"]["head_size"] == 16  # the padded head_dim the graph's KV uses
     assert cfg["search"]["past_present_share_buffer"] is True
     ours = Generator(bundle).generate(PROMPT, GenerationConfig(max_new_tokens=24)).token_ids
-    theirs = _genai_tokens(bundle, PROMPT, 24)
+    theirs = genai_tokens(bundle, PROMPT, 24)
     if theirs and theirs[-1] in (2,):  # genai includes the EOS it stopped on; edgekit's runtime does not
         theirs = theirs[:-1]
     assert len(ours) >= 8 and theirs == ours
@@ -327,7 +327,7 @@ def test_onnxruntime_genai_runs_the_standard_graph(standard_bundle):
     bundle = standard_bundle
     assert json.loads((bundle / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
     expected = _greedy(bundle / "model.onnx", PROMPT, 24)
-    theirs = _genai_tokens(bundle, PROMPT, 24)
+    theirs = genai_tokens(bundle, PROMPT, 24)
     assert theirs[: len(theirs) - (theirs[-1] == 2)] == expected[: len(theirs) - (theirs[-1] == 2)]
     assert len(theirs) >= 8
 
