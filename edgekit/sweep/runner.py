@@ -27,6 +27,7 @@ from typing import Any
 from edgekit.errors import EdgekitError
 from edgekit.export.quantize import QUANT_MODES
 from edgekit.export.verify import DEFAULT_TEXT
+from edgekit.sweep.report import write_report
 
 EDGEKIT = [sys.executable, "-m", "edgekit"]
 _live: set[subprocess.Popen] = set()  # running steps, killed (with their children) if the sweep is stopped
@@ -230,26 +231,29 @@ def _profile(req: SweepRequest, rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def run_sweep(req: SweepRequest, on_event: Callable[[str], None] | None = None) -> SweepResult:
-    from edgekit.sweep.report import write_report
-
-    validate(req)
-    say = on_event or (lambda s: None)
-    for sub in ("results", "partial", "logs", "bundles"):
-        (req.output / sub).mkdir(parents=True, exist_ok=True)
-    configs = req.configs()
-    done: dict[str, dict[str, Any]] = {}
+def _resume(req: SweepRequest, configs: list[SweepConfig]) -> tuple[list[str], list[SweepConfig]]:
+    """The configurations an earlier run finished with the same settings, and those still to (re)do."""
+    reused: list[str] = []
     todo: list[SweepConfig] = []
     for cfg in configs:
         f = req.output / "results" / f"{cfg.name}.json"
         prev = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
         if prev and prev.get("status") == "ok" and prev.get("settings") == req.settings():
-            done[cfg.name] = prev
+            reused.append(cfg.name)
             if not req.keep_bundles:  # a sweep killed while deleting it may have left the bundle behind
                 shutil.rmtree(req.output / "bundles" / cfg.name, ignore_errors=True)
         else:
             todo.append(cfg)  # never run, interrupted, failed, or run with other settings: (re)do it
-    reused = list(done)
+    return reused, todo
+
+
+def run_sweep(req: SweepRequest, on_event: Callable[[str], None] | None = None) -> SweepResult:
+    validate(req)
+    say = on_event or (lambda s: None)
+    for sub in ("results", "partial", "logs", "bundles"):
+        (req.output / sub).mkdir(parents=True, exist_ok=True)
+    configs = req.configs()
+    reused, todo = _resume(req, configs)
     say(f"{len(configs)} configurations: {len(reused)} already done, {len(todo)} to run")
 
     lock = threading.Lock()
