@@ -12,6 +12,7 @@ from edgekit.checkpoint.load import Checkpoint
 from edgekit.errors import EdgekitError
 from edgekit.export.budget import MemoryEstimate, check_or_estimate
 from edgekit.export.graph import FLAVOURS, padded_head_dim
+from edgekit.export.mobile import FIXED_DIR, check_ort_size, convert_to_ort, make_fixed_variants
 from edgekit.export.onnx_writer import GraphContract
 from edgekit.skip.skipset import SkipSet
 
@@ -48,8 +49,6 @@ def plan_target(req: Any, ckpt: Checkpoint, skip: SkipSet, context: int) -> Memo
     hd = graph_head_dim(req.flavour, ckpt.spec.head_dim)
     est = check_or_estimate(ckpt.spec, len(skip.skipped), req.quant, context, hd, usable, device)
     if recipe is not None and recipe.emit_ort:
-        from edgekit.export.mobile import check_ort_size
-
         check_ort_size(est.weights_bytes, f"{ckpt.source_id}'s weights ({req.quant.mode}, estimated)")
     return est
 
@@ -78,8 +77,6 @@ def finish_target(
         return out
     fixed: dict[str, str] = {}
     if recipe.fixed_shapes:
-        from edgekit.export.mobile import FIXED_DIR, make_fixed_variants
-
         prefill, fixed_context = recipe.fixed_shapes["prefill"], min(recipe.fixed_shapes["context"], context)
         if prefill >= fixed_context:
             raise EdgekitError(
@@ -88,8 +85,6 @@ def finish_target(
         fixed = make_fixed_variants(folder / "model.onnx", folder / FIXED_DIR, prefill, fixed_context)
         out["fixed_shapes"] = {"prefill_tokens": prefill, "context": fixed_context, "files": fixed}
     if recipe.emit_ort:
-        from edgekit.export.mobile import convert_to_ort
-
         runtime_opt = recipe.provider != "CPUExecutionProvider"
         out["ort_format"] = {
             "files": convert_to_ort(folder, ["model.onnx", *fixed.values()], runtime_opt),

@@ -25,7 +25,9 @@ from edgekit.export.graph_standard import build_standard_decoder
 from edgekit.export.memory import RssWatch, plan_export_memory
 from edgekit.export.quantize import QuantConfig
 from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, verify
+from edgekit.export.verify_streaming import verify_streaming
 from edgekit.quality.analyze import select_skip
+from edgekit.quality.gate import quality_gate
 from edgekit.skip.skipset import SkipSet
 
 TOKENIZER_FILES = (
@@ -188,8 +190,6 @@ def _quality_gate(
     """Raises (so bundle_writer removes the folder) when the bundle's perplexity breaks the bound."""
     if req.max_ppl_increase is None:
         return None
-    from edgekit.quality.gate import quality_gate
-
     t = time.perf_counter()
     q = quality_gate(
         ckpt,
@@ -221,8 +221,6 @@ def _verify(
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     if method == "streaming":  # the fp32 model does not fit the memory budget: one layer at a time
-        from edgekit.export.verify_streaming import verify_streaming
-
         return verify_streaming(
             folder / "model.onnx",
             ckpt,

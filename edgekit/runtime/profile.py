@@ -28,7 +28,9 @@ from typing import Any
 from edgekit import CALIB_TEXT
 from edgekit.bundle.folder import Bundle, open_bundle
 from edgekit.errors import EdgekitError
+from edgekit.runtime.generator import GenerationConfig, Generator
 from edgekit.runtime.machine import machine_facts, peak_rss_bytes
+from edgekit.runtime.providers import RuntimeOptions, resolve
 
 PROMPT_TEXT = CALIB_TEXT
 
@@ -141,8 +143,6 @@ def profile(req: ProfileRequest) -> ProfileReport:
         raise EdgekitError("give at least one bundle to profile")
     if req.runs < 1 or req.gen_len < 1 or not req.prompt_lens or min(req.prompt_lens) < 1:
         raise EdgekitError("--runs, --gen-len and every --prompt-len must be at least 1")
-    from edgekit.runtime.providers import resolve
-
     resolve(req.provider)  # a missing provider fails here once, not in every child
     bundles = [open_bundle(b, req.check_integrity) for b in req.bundles]
     longest = max(req.prompt_lens) + req.warmup + req.gen_len
@@ -240,9 +240,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One run in this process: what the child does. Returns plain numbers (seconds, bytes)."""
     import numpy as np
     import psutil
-
-    from edgekit.runtime.generator import GenerationConfig, Generator
-    from edgekit.runtime.providers import RuntimeOptions
 
     options = RuntimeOptions(
         provider=spec["provider"], threads=spec["threads"], affinity=spec["affinity"], spin=spec["spin"]
