@@ -10,7 +10,7 @@ from edgekit.cli.output import emit_json, layer_list
 from edgekit.errors import EdgekitError
 from edgekit.quality.evaluate import EvalRequest, EvalResult, evaluate
 from edgekit.quality.perplexity import DOC_SEPARATOR, parse_separator
-from edgekit.skip.skipset import parse_skip_count
+from edgekit.skip.skipset import FILLS, parse_skip_count
 
 
 def _task_paths(tasks: str | None) -> list[Path]:
@@ -39,6 +39,13 @@ def _task_paths(tasks: str | None) -> list[Path]:
 @click.option("--max-tokens", type=click.IntRange(min=2), help="At most N tokens of --text.")
 @skip_options(scope="Checkpoint only. ")
 @click.option(
+    "--fill",
+    type=click.Choice(FILLS),
+    default="zero",
+    show_default=True,
+    help="Checkpoint only: what a removed sublayer leaves behind (its mean output on --calib), as export does.",
+)
+@click.option(
     "--calib",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="With --skip auto:N: the text that ranks the layers [default: shipped TinyStories sample].",
@@ -65,6 +72,7 @@ def command(
     skip: str | None,
     skip_layers: str | None,
     calib: Path | None,
+    fill: str,
     threads: int | None,
     stream: bool | None,
     no_integrity_check: bool,
@@ -91,6 +99,7 @@ def command(
         skip=parse_skip_count(skip) if skip is not None else None,
         skip_layers=skip_layers,
         calib=calib,
+        fill=fill,
         text=text,
         separator=parse_separator(separator),
         window=window,

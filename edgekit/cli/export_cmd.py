@@ -14,7 +14,7 @@ from edgekit.export.memory import parse_size
 from edgekit.export.pipeline import ExportRequest, ExportResult, default_quant, export
 from edgekit.export.quantize import INT4_ALGOS, INT8_KERNELS, QUANT_MODES, QuantConfig
 from edgekit.quality.gate import parse_increase
-from edgekit.skip.skipset import parse_skip_count
+from edgekit.skip.skipset import FILLS, parse_skip_count
 from edgekit.targets.recipes import get_recipe, resolve_options
 
 
@@ -77,6 +77,14 @@ from edgekit.targets.recipes import get_recipe, resolve_options
     help="fused: onnxruntime contrib ops (CPU); standard: plain ONNX ops for XNNPACK/NNAPI/CoreML/QNN.",
 )
 @click.option("--symmetric/--asymmetric", default=False, help="int4/int8 blocks without/with zero points.")
+@click.option(
+    "--fill",
+    type=click.Choice(FILLS),
+    default="zero",
+    show_default=True,
+    help="What a removed attention sublayer leaves behind: nothing, or its mean output on --calib, added to "
+    "the residual stream (folded into the next norm: no cost per token).",
+)
 @click.option(
     "--int4-algo",
     type=click.Choice(INT4_ALGOS),
@@ -185,6 +193,7 @@ def _request(model: str, as_json: bool, o: dict[str, Any]) -> ExportRequest:
         device_memory_gb=o["device_memory"],
         max_memory=parse_size(o["max_memory"]) if o["max_memory"] is not None else None,
         verify_method=o["verify_method"],
+        fill=o["fill"],
     )
     if o["verify_text"] is not None:
         req.verify_text = o["verify_text"]

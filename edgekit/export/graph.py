@@ -91,10 +91,14 @@ class _ResidualStream:
     def __init__(self, g: GraphWriter, residual: str, eps: float) -> None:
         self.g, self.residual, self.eps = g, residual, eps
         self.pending: str | None = None
+        self.bias: str | None = None  # a removed sublayer's fill, added by the next norm
 
     def norm(self, gamma: np.ndarray, label: str) -> str:
         g = self.g
         weight = g.float_const(f"{label}.weight", gamma)
+        if self.bias is not None and self.pending is None:  # nothing to fuse with: one Add
+            self.residual = g.op("Add", [self.residual, self.bias], name=f"{label}/fill")[0]
+            self.bias = None
         if self.pending is None:
             return g.op(
                 "SimplifiedLayerNormalization",
@@ -104,9 +108,10 @@ class _ResidualStream:
                 epsilon=self.eps,
                 stash_type=1,
             )[0]
+        bias, self.bias = self.bias, None
         outs = g.op(
             "SkipSimplifiedLayerNormalization",
-            [self.pending, self.residual, weight],
+            [self.pending, self.residual, weight, *([bias] if bias else [])],
             n_out=4,
             name=f"{label}/SkipLayerNorm",
             domain=MS_DOMAIN,
@@ -284,6 +289,8 @@ def build_decoder(
             if slot is not None:  # a skipped layer's residual stream passes straight on to its MLP
                 x = stream.norm(w.get(names.input_norm.format(i=i)), f"{p}/input_layernorm")
                 stream.pending = _attention(g, ckpt, i, slot, x, attention_inputs)
+            elif (fill := skip.fill_for(i)) is not None:  # ... plus the removed sublayer's mean output
+                stream.bias = g.float_const(f"{p}/attn_fill", np.asarray(fill, np.float32))
             x = stream.norm(w.get(names.post_norm.format(i=i)), f"{p}/post_attention_layernorm")
             stream.pending = _mlp(g, ckpt, i, x)
             if on_layer:

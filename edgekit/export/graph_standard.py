@@ -226,6 +226,9 @@ def build_standard_decoder(
             if slot is not None:  # a skipped layer's residual stream passes straight on to its MLP
                 x = b.rms_norm(residual, w.get(names.input_norm.format(i=i)), spec.rms_eps, f"{p}/input_layernorm")
                 residual = b.op("Add", [residual, _attention(b, g, ckpt, i, slot, x, step, fdt)], f"{p}/attn/residual")
+            elif (fill := skip.fill_for(i)) is not None:  # the removed sublayer's mean output, added once
+                fill_name = g.float_const(f"{p}/attn_fill", np.asarray(fill, np.float32))
+                residual = b.op("Add", [residual, fill_name], f"{p}/attn_fill/add")
             x = b.rms_norm(residual, w.get(names.post_norm.format(i=i)), spec.rms_eps, f"{p}/post_attention_layernorm")
             residual = b.op("Add", [residual, _mlp(b, ckpt, i, x)], f"{p}/mlp/residual")
             if on_layer:

@@ -27,6 +27,7 @@ from edgekit.export.quantize import QuantConfig
 from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, verify
 from edgekit.export.verify_streaming import verify_streaming
 from edgekit.quality.analyze import select_skip
+from edgekit.quality.fill import with_fill
 from edgekit.quality.gate import quality_gate
 from edgekit.skip.skipset import SkipSet
 
@@ -65,6 +66,7 @@ class ExportRequest:
     device_memory_gb: float | None = None  # memory budget without a recipe (overrides the recipe's)
     max_memory: int | None = None  # bytes the export process may use (--max-memory); None: 80% of free RAM
     verify_method: str = "auto"  # "full" (fp32 PyTorch model) | "streaming" (layer by layer) | "auto"
+    fill: str = "zero"  # what replaces a removed sublayer: nothing, or its mean output on --calib (quality.fill)
 
 
 @dataclass
@@ -112,7 +114,7 @@ def export(req: ExportRequest) -> ExportResult:
     t0 = time.perf_counter()
     resolved = resolve_model(req.model, allow_download=req.allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, req.trust_remote_code, req.allow_pickle)
-    skip = select_skip(ckpt, req.skip, req.skip_layers, req.calib)
+    skip = with_fill(ckpt, select_skip(ckpt, req.skip, req.skip_layers, req.calib), req.fill, req.calib)
     context = recipe_context(req, ckpt.spec.max_context)
     if context < 2 or context > ckpt.spec.max_context:
         raise EdgekitError(f"--max-context {context}: must be between 2 and the model's {ckpt.spec.max_context}")

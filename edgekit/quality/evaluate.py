@@ -26,6 +26,7 @@ class EvalRequest:
     skip: int | str | None = None
     skip_layers: str | None = None
     calib: Path | None = None  # auto:N ranks layers on this text [default: shipped TinyStories sample]
+    fill: str = "zero"  # checkpoints: what replaces a removed sublayer (quality.fill)
     text: Path | None = None
     separator: str | None = DOC_SEPARATOR
     window: int | None = None  # default: min(model context, 1024)
@@ -191,7 +192,7 @@ def evaluate(req: EvalRequest) -> EvalResult:
         "streaming": req.streaming,
         "calib": req.calib,
     }
-    scorer = open_scorer(req.target, req.skip, req.skip_layers, **opts)
+    scorer = open_scorer(req.target, req.skip, req.skip_layers, fill=req.fill, **opts)
     result = EvalResult(model=scorer.describe())
     if text is not None and req.text is not None:
         window = req.window or min(scorer.max_context, 1024)

@@ -15,6 +15,7 @@ from edgekit.checkpoint.load import load_torch_model, open_checkpoint
 from edgekit.checkpoint.resolve import resolve_model
 from edgekit.errors import EdgekitError
 from edgekit.quality.analyze import select_skip
+from edgekit.quality.fill import with_fill
 from edgekit.quality.scorers import BundleScorer, Scorer, TorchScorer, load_tokenizer
 from edgekit.quality.streaming import StreamingScorer, should_stream
 from edgekit.runtime.session import DecoderSession
@@ -119,13 +120,14 @@ def open_checkpoint_scorer(
     threads: int | None = None,
     streaming: bool | None = None,
     calib: Path | None = None,
+    fill: str = "zero",
 ) -> TorchScorer:
     """streaming: hold one layer at a time (see eval_streaming); None: when fp32 would not fit in memory."""
 
     set_threads(threads)
     resolved = resolve_model(model, allow_download=allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, trust_remote_code, allow_pickle)
-    skipset = select_skip(ckpt, skip, skip_layers, calib)
+    skipset = with_fill(ckpt, select_skip(ckpt, skip, skip_layers, calib), fill, calib)
     if streaming or (streaming is None and should_stream(ckpt)):
         return streaming_scorer(ckpt, skipset, resolved.source_id)
     from edgekit.skip.surgery import apply_skip  # imports torch: scoring a bundle must not pay for it
@@ -145,14 +147,15 @@ def open_scorer(
     threads: int | None = None,
     streaming: bool | None = None,
     calib: Path | None = None,
+    fill: str = "zero",
 ) -> Scorer:
     """A bundle folder (has edgekit.json) or anything `export` accepts as MODEL."""
     if is_bundle(target):
-        if skip is not None or skip_layers is not None or calib is not None:
+        if skip is not None or skip_layers is not None or calib is not None or fill != "zero":
             raise EdgekitError(
-                f"{target} is a bundle: its skip set was fixed at export; drop --skip/--skip-layers/--calib"
+                f"{target} is a bundle: its skip set was fixed at export; drop --skip/--skip-layers/--calib/--fill"
             )
         return open_bundle_scorer(target, check_integrity, threads=threads)
     return open_checkpoint_scorer(
-        target, skip, skip_layers, allow_download, trust_remote_code, allow_pickle, threads, streaming, calib
+        target, skip, skip_layers, allow_download, trust_remote_code, allow_pickle, threads, streaming, calib, fill
     )

@@ -19,12 +19,38 @@ _RANGE = re.compile(r"^\s*([0-9]{1,9})\s*(?:-\s*([0-9]{1,9})\s*)?$")
 _COUNT = re.compile(r"[0-9]{1,9}")
 
 
+FILLS = ("zero", "mean")
+
+
+@dataclass(frozen=True)
+class Fill:
+    """What replaces a removed attention sublayer: a constant vector added to the residual stream.
+
+    "mean" is the sublayer's average output over calibration tokens (arXiv 2507.18212, 2505.24680 compensate
+    removal the same way): the residual stream keeps the offset the sublayer contributed on average, at no
+    cost per token (the constant folds into the next norm's bias). "zero" (no fill) is the paper's removal.
+    """
+
+    kind: str
+    vectors: dict[int, Any] = field(repr=False)  # layer → float32 [hidden]
+    calib: str = ""
+    tokens: int = 0
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "calib": self.calib, "tokens": self.tokens, "layers": sorted(self.vectors)}
+
+
 @dataclass(frozen=True)
 class SkipSet:
     num_layers: int
     skipped: tuple[int, ...]  # sorted, original layer indices whose attention sublayer is removed
     rule: str  # how it was chosen, for the manifest: "none", "last:8", "explicit", "auto:8"
     ranking: dict[str, Any] | None = field(default=None, compare=False)  # auto:N only: scores it ranked by
+    fill: Fill | None = field(default=None, compare=False)  # None: removed sublayers add nothing (zero)
+
+    def fill_for(self, layer: int) -> Any:
+        """The constant a removed layer adds to the residual stream, or None."""
+        return None if self.fill is None else self.fill.vectors.get(layer)
 
     @property
     def kept(self) -> tuple[int, ...]:
@@ -45,6 +71,7 @@ class SkipSet:
             "kept": list(self.kept),
             "attention_layers": len(self.kept),
             **({"ranking": self.ranking} if self.ranking else {}),
+            "fill": self.fill.to_manifest() if self.fill else {"kind": "zero"},
         }
 
     @staticmethod

@@ -21,12 +21,17 @@ class AttentionFreeDecoderLayer(nn.Module):
     layer's KV cache are gone, not zeroed.
     """
 
-    def __init__(self, post_attention_layernorm: nn.Module, mlp: nn.Module) -> None:
+    def __init__(self, post_attention_layernorm: nn.Module, mlp: nn.Module, fill: Any = None) -> None:
         super().__init__()
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
+        # the removed sublayer's stand-in (SkipSet.fill): a constant added to the residual stream
+        fill_t = torch.zeros(0) if fill is None else torch.as_tensor(fill, dtype=torch.float32)
+        self.register_buffer("fill", fill_t, persistent=False)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.fill.numel():
+            hidden_states = hidden_states + self.fill.to(hidden_states.dtype)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -37,7 +42,7 @@ def apply_skip(model: Any, skip: SkipSet) -> Any:
         old = layers[i]
         if isinstance(old, AttentionFreeDecoderLayer):
             continue
-        layers[i] = AttentionFreeDecoderLayer(old.post_attention_layernorm, old.mlp)
+        layers[i] = AttentionFreeDecoderLayer(old.post_attention_layernorm, old.mlp, skip.fill_for(i))
     return model
 
 
