@@ -12,7 +12,6 @@ gives exactly the tokens of a fresh run of the whole conversation, /reset, the e
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -28,9 +27,6 @@ from conftest import STORIES
 from edgekit.errors import EdgekitError
 from edgekit.runtime.chat import ChatTemplate, Conversation, detect_end_of_turn
 from edgekit.runtime.generator import GenerationConfig, Generator
-
-CACHE = Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
-GGUF_PATH = CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # SmolLM2-135M-Instruct's chat template, as in its GGUF (tokenizer.chat_template) and on the Hub.
 SMOLLM2 = (
@@ -149,11 +145,10 @@ def test_smollm2_default_system_prompt(smollm2: ChatTemplate) -> None:
     assert "SmolLM" not in smollm2.render(CHATS["system_user"])
 
 
-def test_embedded_template_is_the_gguf_one() -> None:
-    if not GGUF_PATH.is_file():
-        pytest.skip(f"{GGUF_PATH} not downloaded (the embedded SMOLLM2 constant is used everywhere else)")
-    gguf = pytest.importorskip("gguf")
-    reader = gguf.GGUFReader(str(GGUF_PATH))
+def test_embedded_template_is_the_gguf_one(smollm2_gguf: Path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(smollm2_gguf))
     assert reader.fields["tokenizer.chat_template"].contents() == SMOLLM2
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     eos = tokens[reader.fields["tokenizer.ggml.eos_token_id"].contents()]
