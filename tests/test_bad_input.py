@@ -94,6 +94,12 @@ ROWS: list[Row] = [
     Row("gguf-folder-with-two", (*EXPORT, "{m}/gguf"), r"holds \d+ GGUF files"),
     Row("gguf-keep-without-gguf", (*EXPORT, "stories260k", "--quant", "keep"), r"--quant keep .*GGUF"),
     Row(
+        "int4-algo-q4_1-other-block",
+        (*EXPORT, "stories260k", "--quant", "int4", "--int4-algo", "q4_1", "--block-size", "128"),
+        r"q4_1 has blocks of 32",
+    ),
+    Row("fill-unknown", (*EXPORT, "stories260k", "--skip", "1", "--fill", "median"), r"'median' is not one of"),
+    Row(
         "gguf-keep-standard-flavour",
         (*EXPORT, "{m}/gguf-ok/ok.gguf", "--quant", "keep", "--flavour", "standard"),
         r"--quant keep needs the fused flavour",
@@ -286,6 +292,7 @@ ROWS += [
     Row("eval-tampered-bundle", ("eval", "{d}/b", "--text", CALIB), r"does not match its manifest", TAMPERED),
     Row("eval-empty-text", ("eval", "{b}", "--text", "empty.txt"), r"empty", _write("empty.txt", " \n\n ")),
     Row("eval-missing-text", ("eval", "{b}", "--text", "nope.txt"), r"nope\.txt"),
+    Row("eval-fill-on-a-bundle", ("eval", "{b}", "--fill", "mean", "--text", CALIB), r"is a bundle.*--fill"),
 ]
 ROW_COUNT = len(ROWS)
 
