@@ -146,3 +146,23 @@ def test_fp32_perplexity_close_to_pytorch_and_grows_without_attention(bundle_fac
     assert perplexity(kept_one.logits, docs, window=256).perplexity > 2 * ppl_torch
     none_kept = apply_skip(load_torch_model(ckpt), SkipSet(5, (0, 1, 2, 3, 4), "all"))
     assert perplexity(lambda ids: full_logits(none_kept, ids).numpy(), docs, window=256).perplexity > 150
+
+
+def test_a_skipped_export_reports_perplexity_against_the_intact_model(tmp_path):
+    """The guard rail: a bundle that matches its own skipped twin perfectly can still be a wrecked model, so
+    the verification also scores the unskipped fp32 model on the same tokens, and the summary says so."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "b"
+    r = subprocess.run(
+        [sys.executable, "-m", "edgekit", "export", "stories260k", "--skip", "2", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    v = json.loads((out / "edgekit.json").read_text())["verification"]
+    assert v["passed"] and v["ppl_unskipped_fp32"] < v["ppl_onnx"]  # removing attention costs on stories260K
+    assert abs(v["ppl_onnx"] - v["ppl_torch_fp32"]) < 1e-3 * v["ppl_onnx"]  # fp32: the same skipped model
+    assert "vs intact" in r.stdout and "all attention kept" in r.stdout

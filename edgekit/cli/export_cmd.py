@@ -264,6 +264,12 @@ def summary_lines(result: ExportResult) -> list[str]:
                 f"skip): {change:+.1%} on {v['ppl_tokens']} tokens of {v['ppl_text']}"
                 + _perplexity_note(m["quantization"]["mode"], change)
             )
+        if v.get("ppl_unskipped_fp32"):
+            cost = v["ppl_onnx"] / v["ppl_unskipped_fp32"] - 1
+            lines.append(
+                f"  vs intact  {v['ppl_unskipped_fp32']:.3f} (PyTorch fp32, all attention kept): {cost:+.1%} for the "
+                f"{len(sk['skipped'])} removed sublayers and the weight format together"
+            )
     else:
         lines.append("  parity     not checked (--no-verify)")
     if m.get("quality"):

@@ -4,6 +4,7 @@ verify against PyTorch → bundle. Each step is a plain function; this module on
 from __future__ import annotations
 
 import contextlib
+import gc
 import platform
 import shutil
 import sys
@@ -24,7 +25,7 @@ from edgekit.export.graph import build_decoder, graph_manifest
 from edgekit.export.graph_standard import build_standard_decoder
 from edgekit.export.memory import RssWatch, plan_export_memory
 from edgekit.export.quantize import QuantConfig
-from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, verify
+from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, unskipped_perplexity, verify
 from edgekit.export.verify_streaming import verify_streaming
 from edgekit.quality.analyze import select_skip
 from edgekit.quality.fill import with_fill
@@ -232,15 +233,25 @@ def _verify(
             req.verify_text,
             context=min(context, 512),
         )
+    encode = lambda s: tokenizer.encode(s).ids  # noqa: E731
+    skipped = bool(skip.skipped)
     model = apply_skip(load_torch_model(ckpt), skip)
-    return verify(
+    report = verify(
         folder / "model.onnx",
         model,
-        lambda s: tokenizer.encode(s).ids,
+        encode,
         req.quant.mode,
         req.verify_text,
         context=min(context, 512),
+        score_ppl=req.quant.mode != "fp32" or skipped,
     )
+    if skipped and req.verify_text is not None:  # the same tokens on the whole model, one fp32 model at a time
+        del model
+        gc.collect()
+        report.ppl_unskipped_fp32 = unskipped_perplexity(
+            load_torch_model(ckpt), encode, req.verify_text, context=min(context, 512)
+        )
+    return report
 
 
 def _manifest(

@@ -34,6 +34,8 @@ class VerifyReport:
     ppl_onnx: float | None = None
     ppl_torch_fp32: float | None = None
     ppl_tokens: int | None = None
+    # With attention removed: the unskipped fp32 model on the same tokens, what the skip set costs in all
+    ppl_unskipped_fp32: float | None = None
     passed: bool = True
     tolerance: float | None = None
     # "full": the whole fp32 PyTorch model; "streaming": layer by layer from disk (verify_streaming.py)
@@ -72,7 +74,9 @@ def verify(
     greedy_steps: int = 16,
     ppl_token_budget: int = 2048,
     context: int = 512,
+    score_ppl: bool | None = None,
 ) -> VerifyReport:
+    """`score_ppl`: also perplexity of the graph and the reference [default: for quantized graphs]."""
     from edgekit.skip.surgery import full_logits
 
     session = DecoderSession(model_path)
@@ -105,7 +109,7 @@ def verify(
     if quant_mode == "fp32":
         report.tolerance = max(FP32_REL_TOL * scale, 1e-4)
         report.passed = diff <= report.tolerance and report.top1_agreement == 1.0
-    if text_path is not None and quant_mode != "fp32":
+    if text_path is not None and (quant_mode != "fp32" if score_ppl is None else score_ppl):
         docs = _budgeted_docs(encode, text_path, ppl_token_budget)
         ppl_onnx = perplexity(session.logits, docs, window=context)
         ppl_torch = perplexity(lambda ids: full_logits(torch_model, ids).numpy(), docs, window=context)
@@ -116,6 +120,17 @@ def verify(
             ppl_onnx.tokens,
         )
     return report
+
+
+def unskipped_perplexity(
+    model: Any, encode: Any, text_path: Path, ppl_token_budget: int = 2048, context: int = 512
+) -> float:
+    """The unskipped fp32 model's perplexity on the tokens `verify` scored: the guard rail a skip set is
+    judged by (a bundle can match its own skipped PyTorch twin perfectly and still be a wrecked model)."""
+    from edgekit.skip.surgery import full_logits
+
+    docs = _budgeted_docs(encode, text_path, ppl_token_budget)
+    return perplexity(lambda ids: full_logits(model, ids).numpy(), docs, window=context).perplexity
 
 
 def _budgeted_docs(encode: Any, text_path: Path, budget: int) -> list[list[int]]:
