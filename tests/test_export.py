@@ -166,3 +166,14 @@ def test_a_skipped_export_reports_perplexity_against_the_intact_model(tmp_path):
     assert v["passed"] and v["ppl_unskipped_fp32"] < v["ppl_onnx"]  # removing attention costs on stories260K
     assert abs(v["ppl_onnx"] - v["ppl_torch_fp32"]) < 1e-3 * v["ppl_onnx"]  # fp32: the same skipped model
     assert "vs intact" in r.stdout and "all attention kept" in r.stdout
+    # the last-N rule costs far more than the bound on this model: warned, with the way to measure
+    m = json.loads((out / "edgekit.json").read_text())
+    assert "last 2 layers costs" in m["warnings"][0] and "--skip auto:2" in m["warnings"][0]
+    assert r.stderr.count("edgekit: warning:") == 1
+
+
+def test_no_warning_for_a_chosen_skip_set(tmp_path):
+    from edgekit.export.pipeline import ExportRequest, export
+
+    m = export(ExportRequest(model="stories260k", skip_layers="2,4", output=tmp_path / "b")).manifest
+    assert m["verification"]["ppl_unskipped_fp32"] and "warnings" not in m

@@ -145,6 +145,8 @@ def command(model: str, as_json: bool, **options: Any) -> None:
         return
     for line in summary_lines(result):
         click.echo(line)
+    for warning in result.manifest.get("warnings", []):
+        click.echo(f"edgekit: warning: {warning}", err=True)
 
 
 def _request(model: str, as_json: bool, o: dict[str, Any]) -> ExportRequest:

@@ -167,6 +167,7 @@ def export(req: ExportRequest) -> ExportResult:
             add_target(
                 _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
                 | ({"quality": quality} if quality else {})
+                | ({"warnings": warnings} if (warnings := skip_warnings(skip, report)) else {})
                 | {
                     "export_memory": export_memory.to_manifest()
                     | {"peak_rss_bytes": rss.peak, "phase_peak_rss_bytes": rss.phases}
@@ -179,6 +180,26 @@ def export(req: ExportRequest) -> ExportResult:
             ),
         )
     return ExportResult(target, manifest, seconds)
+
+
+# A last-N skip set costing more than this against the intact model gets a warning: on SmolLM2 the last 8
+# cost x28 where the measured auto:8 costs +118% (BENCHMARKS.md); the paper's rule must be checked per model.
+LAST_N_WARN = 0.5
+
+
+def skip_warnings(skip: SkipSet, report: VerifyReport | None) -> list[str]:
+    """What the user should hear about the skip set before shipping the bundle."""
+    if report is None or not report.ppl_unskipped_fp32 or not report.ppl_onnx or not skip.rule.startswith("last"):
+        return []
+    cost = report.ppl_onnx / report.ppl_unskipped_fp32 - 1
+    if cost <= LAST_N_WARN:
+        return []
+    n = len(skip.skipped)
+    return [
+        f"removing the attention of the last {n} layers costs {cost:+.0%} perplexity against the intact model "
+        f"({report.ppl_onnx:.2f} vs {report.ppl_unskipped_fp32:.2f}); the paper's last-N rule does not hold for every "
+        f"model: `edgekit analyze MODEL --n {n}` measures each layer, `--skip auto:{n}` removes the least important"
+    ]
 
 
 def _quality_gate(
