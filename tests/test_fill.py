@@ -61,3 +61,19 @@ def test_fill_is_refused_for_a_bundle(tmp_path, corpora):
     with pytest.raises(EdgekitError, match="--fill"):
         evaluate(EvalRequest(target=str(b.bundle), fill="mean", text=corpora / "tinystories-valid-subset.txt"))
     assert json.loads((b.bundle / "edgekit.json").read_text())["skip"]["fill"]["kind"] == "zero"
+
+
+def test_the_default_calibration_text_follows_what_the_model_was_trained_on(tmp_path, stories_path):
+    """TinyStories for the TinyStories model, general English (a WikiText-2 excerpt) for every other."""
+    from gguf_testing import write_random_gguf
+
+    from edgekit.checkpoint.load import open_checkpoint
+    from edgekit.quality.analyze import default_calib
+
+    assert default_calib(open_checkpoint(stories_path, "stories260k")).name == "calib-tinystories.txt"
+    assert default_calib(open_checkpoint(stories_path, str(stories_path))).name == "calib-tinystories.txt"
+    gguf = tmp_path / "tiny.gguf"
+    write_random_gguf(gguf, qtype="Q8_0")
+    assert default_calib(open_checkpoint(gguf, str(gguf))).name == "calib-wikitext2.txt"
+    r = export(ExportRequest(model=str(gguf), skip_layers="1", fill="mean", output=tmp_path / "b", verify=False))
+    assert r.manifest["skip"]["fill"]["calib"] == "calib-wikitext2.txt"

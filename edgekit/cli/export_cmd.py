@@ -52,8 +52,8 @@ from edgekit.targets.recipes import get_recipe, resolve_options
 @click.option(
     "--calib",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="Calibration text that ranks layers for --skip auto:N and feeds --max-ppl-increase "
-    "[default: shipped TinyStories sample, split on <|endoftext|>].",
+    help="Calibration text that ranks layers for --skip auto:N, measures --fill mean and feeds "
+    "--max-ppl-increase [default: TinyStories for stories260K, else general English (WikiText-2)].",
 )
 @click.option(
     "--max-ppl-increase",

@@ -27,7 +27,7 @@ from edgekit.export.memory import RssWatch, plan_export_memory
 from edgekit.export.quantize import QuantConfig
 from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, unskipped_perplexity, verify
 from edgekit.export.verify_streaming import verify_streaming
-from edgekit.quality.analyze import select_skip
+from edgekit.quality.analyze import default_calib, select_skip
 from edgekit.quality.fill import with_fill
 from edgekit.quality.gate import quality_gate
 from edgekit.skip.skipset import SkipSet
@@ -219,7 +219,7 @@ def _quality_gate(
         ckpt,
         list(skip.skipped),
         folder,
-        req.calib or DEFAULT_TEXT,
+        req.calib or default_calib(ckpt),
         req.max_ppl_increase,
         context,
         req.quant.mode,

@@ -25,7 +25,7 @@ class EvalRequest:
     target: str  # bundle folder or MODEL
     skip: int | str | None = None
     skip_layers: str | None = None
-    calib: Path | None = None  # auto:N ranks layers on this text [default: shipped TinyStories sample]
+    calib: Path | None = None  # auto:N ranking and --fill text [default: quality.analyze.default_calib]
     fill: str = "zero"  # checkpoints: what replaces a removed sublayer (quality.fill)
     text: Path | None = None
     separator: str | None = DOC_SEPARATOR

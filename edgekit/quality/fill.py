@@ -16,7 +16,7 @@ import numpy as np
 
 from edgekit.checkpoint.load import load_torch_model
 from edgekit.errors import EdgekitError
-from edgekit.quality.analyze import DEFAULT_CALIB, MAX_WINDOW, calibration_chunks
+from edgekit.quality.analyze import MAX_WINDOW, calibration_chunks, default_calib
 from edgekit.quality.scorers import load_tokenizer
 from edgekit.quality.streaming import should_stream
 from edgekit.skip.skipset import FILLS, Fill, SkipSet
@@ -63,7 +63,7 @@ def with_fill(
             f"--fill mean measures on the fp32 model, and {ckpt.source_id} does not fit in memory in fp32; "
             "use --fill zero"
         )
-    text = calib or DEFAULT_CALIB
+    text = calib or default_calib(ckpt)
     tokenizer = load_tokenizer(ckpt.path)
     chunks, _ = calibration_chunks(
         lambda s: tokenizer.encode(s).ids, text, tokens, min(MAX_WINDOW, ckpt.spec.max_context)
