@@ -6,7 +6,7 @@ PYTHON  := $(BIN)/python
 MODEL   ?= smollm2-135m-instruct
 SKIP    ?= auto:2
 QUANT   ?= int8
-ASK     ?= What is the capital of France?
+ASK     ?= What is the capital of France? Answer in one word.
 OUT     ?= out
 
 .PHONY: help install models demo test lint bench bench-speed clean
