@@ -84,3 +84,13 @@ def test_int4_q4_1_needs_blocks_of_32():
 
     with pytest.raises(EdgekitError, match=r"q4_1 has blocks of 32"):
         QuantConfig(mode="int4", int4_algo="q4_1", block_size=128)
+
+
+def test_a_gguf_is_recognised_without_reading_it(tmp_path, stories_path):
+    from edgekit.export.pipeline import default_quant
+
+    (tmp_path / "m.gguf").write_bytes(b"not even read")
+    assert default_quant(str(tmp_path / "m.gguf")) == "keep"
+    assert default_quant(str(tmp_path)) == "keep"  # a folder holding one, and no config.json
+    assert default_quant("smollm2-135m-instruct") == "keep"
+    assert default_quant("stories260k") == "fp32" and default_quant(str(stories_path)) == "fp32"

@@ -66,6 +66,18 @@ def _local_folder(local: Path, model: str) -> ResolvedModel:
     return ResolvedModel(local.resolve(), str(model), "local")
 
 
+def is_gguf(model: str) -> bool:
+    """Whether MODEL names a GGUF (a file, a folder holding one, or a PyPI-shipped alias), without reading or
+    fetching it: the export's default weight format depends on it, and resolving would hash the file again."""
+    local = Path(model).expanduser()
+    if local.is_file():
+        return True
+    if local.is_dir():
+        return not (local / "config.json").is_file() and any(local.glob("*.gguf"))
+    alias = ALIASES.get(model.lower())
+    return bool(alias and alias.pypi and not (alias.embedded_path and alias.embedded_path.is_dir()))
+
+
 def resolve_model(model: str, allow_download: bool = False) -> ResolvedModel:
     local = Path(model).expanduser()
     if local.exists():

@@ -159,7 +159,7 @@ def _request(model: str, as_json: bool, o: dict[str, Any]) -> ExportRequest:
         if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
     }
     r = resolve_options(chosen, given, dict(ctx.params))
-    quant = r["quant"] or default_quant(model, o["allow_download"])
+    quant = r["quant"] or default_quant(model)
     if r["lm_head_bits"] is None:
         # int4 on lm_head costs measurable perplexity (see the export issue's note); 8 bits keeps it.
         lm_bits = 8 if quant in ("int4", "keep") else None

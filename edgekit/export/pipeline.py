@@ -18,7 +18,7 @@ from typing import Any
 from edgekit import __version__
 from edgekit.bundle.folder import SCHEMA_VERSION, bundle_writer, write_manifest
 from edgekit.checkpoint.load import Checkpoint, load_torch_model, open_checkpoint
-from edgekit.checkpoint.resolve import ResolvedModel, resolve_model
+from edgekit.checkpoint.resolve import ResolvedModel, is_gguf, resolve_model
 from edgekit.errors import EdgekitError
 from edgekit.export.device import add_target, finish_target, plan_target, recipe_context
 from edgekit.export.graph import build_decoder, graph_manifest
@@ -77,10 +77,10 @@ class ExportResult:
     seconds: dict[str, float]
 
 
-def default_quant(model: str, allow_download: bool = False) -> str:
-    """A GGUF's own blocks (no second rounding: +0.5% perplexity on SmolLM2's Q4_1 file, where requantizing
-    to int4 costs +23% at the same decode speed; BENCHMARKS.md), else fp32."""
-    return "keep" if resolve_model(model, allow_download).path.is_file() else "fp32"
+def default_quant(model: str) -> str:
+    """A GGUF's own blocks (no second rounding: +0.3% perplexity on SmolLM2's Q4_1 file, where requantizing
+    to int4 costs +19%; BENCHMARKS.md), else fp32."""
+    return "keep" if is_gguf(model) else "fp32"
 
 
 def default_output(resolved: ResolvedModel, skip: SkipSet, quant: QuantConfig) -> Path:
