@@ -60,9 +60,11 @@ def test_run_chat_answers_paris(int4):
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
 
 
-def test_plain_prompt_without_template_gives_nothing_useful_but_chat_does(int4):
-    """The issue's first finding: a bare question makes an instruct model stop at once; its template fixes it."""
+def test_a_bare_question_stops_at_once_and_the_template_fixes_it(int4):
+    """The issue's first finding: without its chat template the instruct model emits EOS straight away."""
     gen = Generator(int4)
+    bare = gen.generate(QUESTION, GenerationConfig(max_new_tokens=24))
+    assert bare.token_ids == [] and bare.stop_reason == "eos"
     chat = gen.chat([{"role": "user", "content": QUESTION}], GenerationConfig(max_new_tokens=24))
     assert "Paris" in chat.text
 
