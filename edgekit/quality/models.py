@@ -141,21 +141,21 @@ def open_scorer(
     skip: int | str | None = None,
     skip_layers: str | None = None,
     check_integrity: bool = True,
-    allow_download: bool = False,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
     threads: int | None = None,
-    streaming: bool | None = None,
-    calib: Path | None = None,
-    fill: str = "zero",
+    **checkpoint: Any,
 ) -> Scorer:
-    """A bundle folder (has edgekit.json) or anything `export` accepts as MODEL."""
+    """A bundle folder (has edgekit.json) or anything `export` accepts as MODEL; `checkpoint` holds
+    open_checkpoint_scorer's other options (allow_download, trust_remote_code, allow_pickle, streaming,
+    calib, fill), which a bundle refuses where they would change it."""
     if is_bundle(target):
-        if skip is not None or skip_layers is not None or calib is not None or fill != "zero":
+        if (
+            skip is not None
+            or skip_layers is not None
+            or checkpoint.get("calib")
+            or checkpoint.get("fill", "zero") != "zero"
+        ):
             raise EdgekitError(
                 f"{target} is a bundle: its skip set was fixed at export; drop --skip/--skip-layers/--calib/--fill"
             )
         return open_bundle_scorer(target, check_integrity, threads=threads)
-    return open_checkpoint_scorer(
-        target, skip, skip_layers, allow_download, trust_remote_code, allow_pickle, threads, streaming, calib, fill
-    )
+    return open_checkpoint_scorer(target, skip, skip_layers, threads=threads, **checkpoint)
