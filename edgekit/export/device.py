@@ -1,6 +1,6 @@
 """The device-target steps of an export: the memory budget before building, and after it the files a
 device needs (genai_config.json, .ort + operator config, fixed-shape variants) plus their manifest
-entries. `export.py` calls `plan_target` and `finish_target`; everything here reads the request."""
+entries. `pipeline.py` calls `plan_target` and `finish_target`; everything here reads the request."""
 
 from __future__ import annotations
 

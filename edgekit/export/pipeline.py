@@ -63,7 +63,7 @@ class ExportRequest:
     max_ppl_increase: float | None = None  # quality gate: bundle ppl on calib vs unskipped fp32, relative
     calib_tokens: int = 16384  # tokens of the calibration text the quality gate scores
     flavour: str = "fused"  # "standard": plain ONNX ops for mobile EPs (graph_standard.py)
-    recipe: Any = None  # edgekit.targets.recipes.Recipe: memory budget, providers, .ort, fixed shapes (targets.py)
+    recipe: Any = None  # edgekit.targets.recipes.Recipe: memory budget, providers, .ort, fixed shapes (device.py)
     device_memory_gb: float | None = None  # memory budget without a recipe (overrides the recipe's)
     max_memory: int | None = None  # bytes the export process may use (--max-memory); None: 80% of free RAM
     verify_method: str = "auto"  # "full" (fp32 PyTorch model) | "streaming" (layer by layer) | "auto"

@@ -1,6 +1,6 @@
 """`eval`: what skipping and quantization cost in quality. Perplexity on a text, agreement with a
 reference model (top-1 and KL of next-token distributions), and multiple-choice accuracy, for a
-bundle or a checkpoint with a skip set (see `eval_models`). This module only sequences the metrics.
+bundle or a checkpoint with a skip set (see `models.py` and `scorers.py`). This module only sequences the metrics.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def open_checkpoint_scorer(
     calib: Path | None = None,
     fill: str = "zero",
 ) -> TorchScorer:
-    """streaming: hold one layer at a time (see eval_streaming); None: when fp32 would not fit in memory."""
+    """streaming: hold one layer at a time (see quality/streaming.py); None: when fp32 would not fit in memory."""
 
     set_threads(threads)
     resolved = resolve_model(model, allow_download=allow_download)

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint whose fp32 PyTorch copy does not fit in memory (Llama-2-7B is 27 GB).
 
-The reference is `verify_streaming.StreamingModel`: one layer's weights in memory at a time, so each
+The reference is `skip.streaming.StreamingModel`: one layer's weights in memory at a time, so each
 forward reads the whole checkpoint. An evaluation is therefore run twice: a dry run records every
 window it asks for (answering zeros), the windows go through the model in a few large batches, and
 the real run reads their logits from that table. Every metric works unchanged; generation does not
