@@ -71,14 +71,22 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def bundle_factory(tmp_path_factory: pytest.TempPathFactory):
-    """export('stories260k', skip=2, quant='int4') → bundle path, each configuration exported once per run."""
+    """export('stories260k', skip=2, quant='int4') → bundle path, each configuration exported once per run.
+
+    Removed sublayers get fill "zero" unless asked: most tests compare against PyTorch surgery of their own,
+    and test_fill.py tests the mean fill (the export default) on purpose."""
     cache: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("bundles")
 
     def make(
-        model: str = "stories260k", skip: int = 0, quant: str = "fp32", skip_layers: str | None = None, **quant_kw
+        model: str = "stories260k",
+        skip: int = 0,
+        quant: str = "fp32",
+        skip_layers: str | None = None,
+        fill: str = "zero",
+        **quant_kw,
     ) -> Path:
-        key = (model, skip, quant, skip_layers, tuple(sorted(quant_kw.items())))
+        key = (model, skip, quant, skip_layers, fill, tuple(sorted(quant_kw.items())))
         if key not in cache:
             name = f"{Path(model).name}-s{skip}-{skip_layers or ''}-{quant}-{len(cache)}".replace(",", "_")
             req = ExportRequest(
@@ -87,6 +95,7 @@ def bundle_factory(tmp_path_factory: pytest.TempPathFactory):
                 skip_layers=skip_layers,
                 quant=QuantConfig(mode=quant, **quant_kw),
                 output=root / name,
+                fill=fill,
             )
             cache[key] = export(req).bundle
         return cache[key]

@@ -1,6 +1,6 @@
 """--fill mean: a removed attention sublayer leaves its mean output in the residual stream.
 
-The fill is measured once on the intact model and then applied identically by the PyTorch reference
+The fill is measured once, layer by layer in the skipped model, and then applied identically by the PyTorch reference
 (surgery) and by both graph flavours, so fp32 parity holds as tightly as without it.
 """
 
@@ -39,7 +39,7 @@ def test_mean_fill_matches_the_pytorch_reference(tmp_path, skip_layers, flavour)
 
 
 def test_the_fill_changes_the_model_and_eval_of_the_checkpoint_agrees(tmp_path, corpora):
-    zero = _export(tmp_path, "zero", skip_layers="3,4")
+    zero = _export(tmp_path, "zero", skip_layers="3,4", fill="zero")
     mean = _export(tmp_path, "mean", skip_layers="3,4", fill="mean")
     assert zero.manifest["skip"]["fill"] == {"kind": "zero"}
     ids = [1, 403, 407, 261, 378, 285, 306, 264]
@@ -57,10 +57,10 @@ def test_the_fill_changes_the_model_and_eval_of_the_checkpoint_agrees(tmp_path, 
 def test_fill_is_refused_for_a_bundle(tmp_path, corpora):
     from edgekit.errors import EdgekitError
 
-    b = _export(tmp_path, "b", skip=1)
+    b = _export(tmp_path, "b", skip=1)  # the default fill: mean, the model fits in memory
     with pytest.raises(EdgekitError, match="--fill"):
-        evaluate(EvalRequest(target=str(b.bundle), fill="mean", text=corpora / "tinystories-valid-subset.txt"))
-    assert json.loads((b.bundle / "edgekit.json").read_text())["skip"]["fill"]["kind"] == "zero"
+        evaluate(EvalRequest(target=str(b.bundle), fill="zero", text=corpora / "tinystories-valid-subset.txt"))
+    assert json.loads((b.bundle / "edgekit.json").read_text())["skip"]["fill"]["kind"] == "mean"
 
 
 def test_the_default_calibration_text_follows_what_the_model_was_trained_on(tmp_path, stories_path):

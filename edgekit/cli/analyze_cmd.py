@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -11,6 +10,8 @@ from edgekit.cli.options import checkpoint_options
 from edgekit.cli.output import emit_json, layer_list
 from edgekit.errors import EdgekitError
 from edgekit.quality.analyze import DEFAULT_TOKEN_BUDGET, analyze_checkpoint
+from edgekit.quality.fill import DEFAULT_FILL
+from edgekit.skip.skipset import FILLS
 
 
 @click.command("analyze")
@@ -34,7 +35,15 @@ from edgekit.quality.analyze import DEFAULT_TOKEN_BUDGET, analyze_checkpoint
     "--measure",
     "measure",
     is_flag=True,
-    help="Also measure perplexity with each attention sublayer removed on its own (one evaluation per layer).",
+    help="Also measure perplexity with each attention sublayer removed on its own, with and without its fill "
+    "(two evaluations per layer).",
+)
+@click.option(
+    "--fill",
+    type=click.Choice(FILLS),
+    default=DEFAULT_FILL,
+    show_default=True,
+    help="The fill the measured ranking (auto:N) assumes; use the one you will export with.",
 )
 @click.option("-n", "--n", "n", type=int, help="Recommend a skip set of N layers [default: a quarter of the layers].")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Write a bar chart PNG here.")
@@ -45,6 +54,7 @@ def command(
     calib: Path | None,
     token_budget: int,
     measure: bool,
+    fill: str,
     n: int | None,
     plot: Path | None,
     allow_download: bool,
@@ -52,29 +62,24 @@ def command(
     allow_pickle: bool,
     as_json: bool,
 ) -> None:
-    """Rank attention sublayers by how little they change the hidden state (which to skip).
+    """Rank attention sublayers three ways and recommend which N to skip.
 
-    For every layer: 1 − cos(residual entering the layer, residual after its attention sublayer),
-    averaged over the calibration tokens (arXiv 2406.15786). Low scores are the redundant sublayers that
-    `export --skip auto:N` removes. With --skip-measure, also the perplexity with each one removed.
+    auto (what `export --skip auto:N` removes): greedy, each round removes the sublayer whose removal,
+    with --fill, raised calibration perplexity least. cosine: 1 − cos(residual entering the layer,
+    residual after its attention), arXiv 2406.15786, greedy re-scored. gatenorm: query–key coupling
+    from the weights alone, arXiv 2512.20636. With --skip-measure, also each sublayer removed on its own.
 
     \b
     Examples:
       edgekit analyze stories260k --skip-measure --n 2 --plot layers.png
-      edgekit analyze llama2-7b --calib wiki.valid.txt --tokens 2048 --n 8 --json
+      edgekit analyze smollm2-135m-instruct --n 8 --json
     """
     resolved = resolve_model(model, allow_download=allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, trust_remote_code, allow_pickle)
     n = n if n is not None else max(1, ckpt.spec.num_layers // 4)
-    progress = None
-    if measure and sys.stderr.isatty() and not as_json:
-        from tqdm import tqdm
-
-        bar = tqdm(total=ckpt.spec.num_layers, desc="measure", unit="layer", file=sys.stderr, leave=False)
-        progress = bar.update
     if not 0 <= n < ckpt.spec.num_layers:
         raise EdgekitError(f"--n {n}: must be between 0 and {ckpt.spec.num_layers - 1} (keep one attention layer)")
-    analysis = analyze_checkpoint(ckpt, calib, token_budget, measure=measure, progress=progress, rounds=n)
+    analysis = analyze_checkpoint(ckpt, calib, token_budget, measure=measure, rounds=n, fill=fill)
     rec = analysis.recommend(n)
     if plot is not None:
         from edgekit.quality.analyze import plot_analysis
@@ -83,35 +88,33 @@ def command(
     if as_json:
         emit_json({**analysis.to_dict(n), "plot": str(plot) if plot else None})
         return
+    base = analysis.baseline_ppl
     click.echo(
         f"{analysis.model}: {analysis.num_layers} layers, {analysis.tokens} tokens of {analysis.calib} "
-        f"({analysis.documents} documents)"
+        f"({analysis.documents} documents), intact perplexity {base:.3f}, fill {fill}"
     )
-    header = f"  {'layer':>5}  {'1-cos':>8}  {'rank':>4}"
-    if analysis.baseline_ppl is not None:
-        header += f"  {'ppl without it':>14}  {'change':>8}"
+    header = f"  {'layer':>5}  {'1-cos':>8}  {'gate-norm':>9}"
+    if measure:
+        header += f"  {'removed alone: nothing added':>28}  {'mean added':>16}"
     click.echo(header)
-    rank = {layer: r for r, layer in enumerate(analysis.ranking(), start=1)}
     for s in analysis.layers:
-        line = f"  {s.layer:>5}  {s.importance:>8.4f}  {rank[s.layer]:>4}"
-        if s.ppl_skipped is not None and s.ppl_change is not None:
-            line += f"  {s.ppl_skipped:>14.3f}  {s.ppl_change:>+8.1%}"
+        line = f"  {s.layer:>5}  {s.importance:>8.4f}  {s.gate_norm:>9.4f}"
+        if s.ppl_zero is not None and s.ppl_mean is not None:
+            zero, mean = s.ppl_zero / base - 1, s.ppl_mean / base - 1
+            line += f"  {s.ppl_zero:>19.3f} {zero:>+8.1%}  {s.ppl_mean:>7.3f} {mean:>+8.1%}"
         click.echo(line)
-    if analysis.baseline_ppl is not None:
-        click.echo(f"  intact model perplexity {analysis.baseline_ppl:.3f}")
-    click.echo(f"recommended skip set for N={n}: {layer_list(rec.auto)}  (--skip auto:{n}, greedy re-scoring)")
-    click.echo(f"  one-shot ranking (lowest {n} scores above) picks {layer_list(rec.one_shot)}")
-    click.echo(
-        f"  last {n} ({layer_list(rec.last_n)}) "
-        + ("is the same set" if rec.auto_agrees_with_last_n else "differs from the recommendation")
-    )
+
+    def cost(rule: str) -> str:
+        ppl = rec.ppl_after.get(rule)
+        return f"  calibration perplexity {ppl:.3f} ({ppl / base - 1:+.1%})" if ppl else ""
+
+    click.echo(f"skip sets for N={n}:")
+    click.echo(f"  auto:{n}      {layer_list(rec.auto):<24}{cost('auto')}  (measured greedy, the default)")
+    click.echo(f"  cosine:{n}    {layer_list(rec.cosine):<24}{cost('cosine')}")
+    click.echo(f"  gatenorm:{n}  {layer_list(rec.gatenorm):<24}  (from the weights)")
+    click.echo(f"  last {n}      {layer_list(rec.last_n):<24}")
     if rec.by_measured is not None:
-        click.echo(
-            f"  measured single-layer ranking picks {layer_list(rec.by_measured)}: "
-            + ("agrees" if rec.measured_agrees_with_auto else "disagrees")
-            + " with the recommendation, "
-            + ("agrees" if rec.measured_agrees_with_last_n else "disagrees")
-            + " with last N"
-        )
+        click.echo(f"  alone-best  {layer_list(rec.by_measured):<24}  (the N cheapest removed one at a time)")
+    click.echo("took " + ", ".join(f"{k} {v:.0f} s" for k, v in analysis.seconds.items()))
     if plot is not None:
         click.echo(f"chart: {plot}")

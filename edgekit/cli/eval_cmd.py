@@ -41,9 +41,8 @@ def _task_paths(tasks: str | None) -> list[Path]:
 @click.option(
     "--fill",
     type=click.Choice(FILLS),
-    default="zero",
-    show_default=True,
-    help="Checkpoint only: what a removed sublayer leaves behind (its mean output on --calib), as export does.",
+    help="Checkpoint only: what a removed sublayer leaves behind (its mean output on --calib), as export does "
+    "[default: as export].",
 )
 @click.option(
     "--calib",
@@ -73,7 +72,7 @@ def command(
     skip: str | None,
     skip_layers: str | None,
     calib: Path | None,
-    fill: str,
+    fill: str | None,
     threads: int | None,
     stream: bool | None,
     no_integrity_check: bool,

@@ -80,10 +80,9 @@ from edgekit.targets.recipes import get_recipe, resolve_options
 @click.option(
     "--fill",
     type=click.Choice(FILLS),
-    default="zero",
-    show_default=True,
     help="What a removed attention sublayer leaves behind: nothing, or its mean output on --calib, added to "
-    "the residual stream (folded into the next norm: no cost per token).",
+    "the residual stream (folded into the next norm: no cost per token) [default: mean; zero for a model "
+    "too big for memory in fp32].",
 )
 @click.option(
     "--int4-algo",

@@ -23,13 +23,15 @@ def _stack(*options: Decorator) -> Decorator:
 
 
 def skip_options(scope: str = "") -> Decorator:
-    """--skip N|auto:N and --skip-layers LIST; `scope` prefixes the help (e.g. "Checkpoint only. ")."""
+    """--skip N|RULE:N and --skip-layers LIST; `scope` prefixes the help (e.g. "Checkpoint only. ")."""
     return _stack(
         click.option(
             "--skip",
             "skip",
             metavar="N|auto:N",
-            help=f"{scope}Remove the attention sublayers of the last N layers, or (auto:N) of the N least important.",
+            help=f"{scope}Remove the attention sublayers of the last N layers, or of N ranked on the model: "
+            "auto:N (measured, the default ranking), cosine:N (1 - cos, cheaper) or gatenorm:N (from the weights, "
+            "no data).",
         ),
         click.option(
             "--skip-layers", metavar="LIST", help=f"{scope}Remove attention from these layers, e.g. 20,24-31."

@@ -9,6 +9,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -27,8 +28,8 @@ from edgekit.export.memory import RssWatch, plan_export_memory
 from edgekit.export.quantize import QuantConfig
 from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, unskipped_perplexity, verify
 from edgekit.export.verify_streaming import verify_streaming
-from edgekit.quality.analyze import default_calib, select_skip
-from edgekit.quality.fill import with_fill
+from edgekit.quality.analyze import default_calib
+from edgekit.quality.choose import select_skip, suggest
 from edgekit.quality.gate import quality_gate
 from edgekit.skip.skipset import SkipSet
 
@@ -67,7 +68,7 @@ class ExportRequest:
     device_memory_gb: float | None = None  # memory budget without a recipe (overrides the recipe's)
     max_memory: int | None = None  # bytes the export process may use (--max-memory); None: 80% of free RAM
     verify_method: str = "auto"  # "full" (fp32 PyTorch model) | "streaming" (layer by layer) | "auto"
-    fill: str = "zero"  # what replaces a removed sublayer: nothing, or its mean output on --calib (quality.fill)
+    fill: str | None = None  # what replaces a removed sublayer [default: quality.fill.resolve_fill]
 
 
 @dataclass
@@ -115,7 +116,7 @@ def export(req: ExportRequest) -> ExportResult:
     t0 = time.perf_counter()
     resolved = resolve_model(req.model, allow_download=req.allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, req.trust_remote_code, req.allow_pickle)
-    skip = with_fill(ckpt, select_skip(ckpt, req.skip, req.skip_layers, req.calib), req.fill, req.calib)
+    skip = select_skip(ckpt, req.skip, req.skip_layers, req.calib, req.fill)
     context = recipe_context(req, ckpt.spec.max_context)
     if context < 2 or context > ckpt.spec.max_context:
         raise EdgekitError(f"--max-context {context}: must be between 2 and the model's {ckpt.spec.max_context}")
@@ -167,7 +168,11 @@ def export(req: ExportRequest) -> ExportResult:
             add_target(
                 _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
                 | ({"quality": quality} if quality else {})
-                | ({"warnings": warnings} if (warnings := skip_warnings(skip, report)) else {})
+                | (
+                    {"warnings": warnings}
+                    if (warnings := skip_warnings(skip, report, _suggester(ckpt, skip, req)))
+                    else {}
+                )
                 | {
                     "export_memory": export_memory.to_manifest()
                     | {"peak_rss_bytes": rss.peak, "phase_peak_rss_bytes": rss.phases}
@@ -183,11 +188,12 @@ def export(req: ExportRequest) -> ExportResult:
 
 
 # A last-N skip set costing more than this against the intact model gets a warning: on SmolLM2 the last 8
-# cost x28 where the measured auto:8 costs +118% (BENCHMARKS.md); the paper's rule must be checked per model.
+# cost x28 where a ranked 8 costs +40% (BENCHMARKS.md); the paper's rule must be checked per model.
 LAST_N_WARN = 0.5
+Suggest = Callable[[int], tuple[list[int], float, float]]  # N → (layers, their ppl, intact ppl), calibration text
 
 
-def skip_warnings(skip: SkipSet, report: VerifyReport | None) -> list[str]:
+def skip_warnings(skip: SkipSet, report: VerifyReport | None, suggest: Suggest | None = None) -> list[str]:
     """What the user should hear about the skip set before shipping the bundle."""
     if report is None or not report.ppl_unskipped_fp32 or not report.ppl_onnx or not skip.rule.startswith("last"):
         return []
@@ -195,11 +201,27 @@ def skip_warnings(skip: SkipSet, report: VerifyReport | None) -> list[str]:
     if cost <= LAST_N_WARN:
         return []
     n = len(skip.skipped)
-    return [
+    text = (
         f"removing the attention of the last {n} layers costs {cost:+.0%} perplexity against the intact model "
         f"({report.ppl_onnx:.2f} vs {report.ppl_unskipped_fp32:.2f}); the paper's last-N rule does not hold for every "
-        f"model: `edgekit analyze MODEL --n {n}` measures each layer, `--skip auto:{n}` removes the least important"
-    ]
+        "model"
+    )
+    try:
+        layers, ppl, intact = suggest(n) if suggest is not None else (None, 0.0, 0.0)
+    except EdgekitError:  # e.g. too big to run in fp32: the warning still stands without a suggestion
+        layers = None
+    if layers is not None:
+        text += (
+            f": removing {','.join(map(str, layers))} instead costs {ppl / intact - 1:+.0%} on the calibration text "
+            f"({ppl:.2f} vs {intact:.2f}, a quick cosine estimate); `--skip auto:{n}` measures the best set"
+        )
+    else:
+        text += f": `edgekit analyze MODEL --n {n}` measures each layer, `--skip auto:{n}` removes the least important"
+    return [text]
+
+
+def _suggester(ckpt: Checkpoint, skip: SkipSet, req: ExportRequest) -> Suggest:
+    return lambda n: suggest(ckpt, n, skip.fill.kind if skip.fill else "zero", req.calib)
 
 
 def _quality_gate(

@@ -26,7 +26,7 @@ class EvalRequest:
     skip: int | str | None = None
     skip_layers: str | None = None
     calib: Path | None = None  # auto:N ranking and --fill text [default: quality.analyze.default_calib]
-    fill: str = "zero"  # checkpoints: what replaces a removed sublayer (quality.fill)
+    fill: str | None = None  # checkpoints: what replaces a removed sublayer [default: quality.fill.resolve_fill]
     text: Path | None = None
     separator: str | None = DOC_SEPARATOR
     window: int | None = None  # default: min(model context, 1024)

@@ -14,8 +14,7 @@ from edgekit.bundle.folder import MANIFEST, open_bundle
 from edgekit.checkpoint.load import load_torch_model, open_checkpoint
 from edgekit.checkpoint.resolve import resolve_model
 from edgekit.errors import EdgekitError
-from edgekit.quality.analyze import select_skip
-from edgekit.quality.fill import with_fill
+from edgekit.quality.choose import select_skip
 from edgekit.quality.scorers import BundleScorer, Scorer, TorchScorer, load_tokenizer
 from edgekit.quality.streaming import StreamingScorer, should_stream
 from edgekit.runtime.session import DecoderSession
@@ -120,14 +119,14 @@ def open_checkpoint_scorer(
     threads: int | None = None,
     streaming: bool | None = None,
     calib: Path | None = None,
-    fill: str = "zero",
+    fill: str | None = None,
 ) -> TorchScorer:
     """streaming: hold one layer at a time (see quality/streaming.py); None: when fp32 would not fit in memory."""
 
     set_threads(threads)
     resolved = resolve_model(model, allow_download=allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, trust_remote_code, allow_pickle)
-    skipset = with_fill(ckpt, select_skip(ckpt, skip, skip_layers, calib), fill, calib)
+    skipset = select_skip(ckpt, skip, skip_layers, calib, fill)
     if streaming or (streaming is None and should_stream(ckpt)):
         return streaming_scorer(ckpt, skipset, resolved.source_id)
     from edgekit.skip.surgery import apply_skip  # imports torch: scoring a bundle must not pay for it
@@ -148,12 +147,7 @@ def open_scorer(
     open_checkpoint_scorer's other options (allow_download, trust_remote_code, allow_pickle, streaming,
     calib, fill), which a bundle refuses where they would change it."""
     if is_bundle(target):
-        if (
-            skip is not None
-            or skip_layers is not None
-            or checkpoint.get("calib")
-            or checkpoint.get("fill", "zero") != "zero"
-        ):
+        if skip is not None or skip_layers is not None or checkpoint.get("calib") or checkpoint.get("fill") is not None:
             raise EdgekitError(
                 f"{target} is a bundle: its skip set was fixed at export; drop --skip/--skip-layers/--calib/--fill"
             )

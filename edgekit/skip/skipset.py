@@ -44,8 +44,8 @@ class Fill:
 class SkipSet:
     num_layers: int
     skipped: tuple[int, ...]  # sorted, original layer indices whose attention sublayer is removed
-    rule: str  # how it was chosen, for the manifest: "none", "last:8", "explicit", "auto:8"
-    ranking: dict[str, Any] | None = field(default=None, compare=False)  # auto:N only: scores it ranked by
+    rule: str  # how it was chosen, for the manifest: "none", "last:8", "explicit", "auto:8", "cosine:8"
+    ranking: dict[str, Any] | None = field(default=None, compare=False)  # RULE:N only: what it ranked by
     fill: Fill | None = field(default=None, compare=False)  # None: removed sublayers add nothing (zero)
 
     def fill_for(self, layer: int) -> Any:
@@ -114,14 +114,19 @@ def parse_layer_list(text: str) -> list[int]:
     return out
 
 
+RANKED_RULES = ("auto", "cosine", "gatenorm")  # how a ranked N is chosen (quality.select says how each works)
+
+
 def parse_skip_count(text: str) -> int | str:
-    """`--skip` value: a count N (skip the last N layers), or 'auto:N' (ranked by analysis)."""
+    """`--skip` value: a count N (skip the last N layers), or RULE:N with RULE auto, cosine or gatenorm."""
     t = text.strip().lower()
-    if t.startswith("auto:"):
-        n = t[5:]
+    rule, sep, n = t.partition(":")
+    if sep:
+        if rule not in RANKED_RULES:
+            raise EdgekitError(f"--skip {text}: expected N or RULE:N with RULE one of {', '.join(RANKED_RULES)}")
         if not _COUNT.fullmatch(n):
-            raise EdgekitError(f"--skip {text}: expected auto:N with N a whole number")
-        return f"auto:{int(n)}"
+            raise EdgekitError(f"--skip {text}: expected {rule}:N with N a whole number")
+        return f"{rule}:{int(n)}"
     if not _COUNT.fullmatch(t):
         raise EdgekitError(f"--skip {text}: expected a whole number of layers (or auto:N)")
     return int(t)
@@ -137,10 +142,12 @@ def last_n(n: int, num_layers: int) -> SkipSet:
     return SkipSet.explicit(list(range(num_layers - n, num_layers)), num_layers, rule=f"last:{n}" if n else "none")
 
 
-def parse_auto(skip: Any) -> int | None:
-    """'auto:N' → N; anything else → None."""
-    if isinstance(skip, str) and skip.startswith("auto:") and skip[5:].isdigit():
-        return int(skip[5:])
+def parse_ranked(skip: Any) -> tuple[str, int] | None:
+    """'auto:8' → ("auto", 8), 'gatenorm:4' → ("gatenorm", 4); anything else → None."""
+    if isinstance(skip, str):
+        rule, _, n = skip.partition(":")
+        if rule in RANKED_RULES and n.isdigit():
+            return rule, int(n)
     return None
 
 
@@ -148,18 +155,18 @@ def choose_skip(
     num_layers: int,
     skip: int | str | None = None,
     skip_layers: str | None = None,
-    rank: Callable[[int], SkipSet] | None = None,
+    rank: Callable[[str, int], SkipSet] | None = None,
 ) -> SkipSet:
-    """--skip N (the last N), --skip auto:N (`rank(N)` measures the model) or --skip-layers "20,24-31"."""
+    """--skip N (the last N), --skip RULE:N (`rank(RULE, N)` ranks the layers) or --skip-layers "20,24-31"."""
     if skip is not None and skip_layers is not None:
         raise EdgekitError("give either --skip or --skip-layers, not both")
     if skip_layers is not None:
         return SkipSet.explicit(parse_layer_list(skip_layers), num_layers)
     if isinstance(skip, str):
-        n = parse_auto(skip)
-        if n is None:
+        ranked = parse_ranked(skip)
+        if ranked is None:
             raise EdgekitError(f"--skip {skip}: expected a whole number N or auto:N")
         if rank is None:
-            raise EdgekitError(f"--skip {skip}: auto:N needs the model to rank its layers on")
-        return rank(n)
+            raise EdgekitError(f"--skip {skip}: {ranked[0]}:N needs the model to rank its layers on")
+        return rank(*ranked)
     return last_n(skip or 0, num_layers)
