@@ -83,14 +83,17 @@ def _scores(target: str, tokens: int, cloze: Path, **skip: object) -> dict:
     }
 
 
-def measure(model: str, ns: list[int], formats: list[str], tokens: int) -> None:
+def measure(
+    model: str, ns: list[int], formats: list[str], tokens: int, int4_ns: list[int], int4_fills: list[str]
+) -> None:
     done = {(r["model_arg"], r["format"], r["rule"], r["n"], r["fill"]) for r in _rows()}
     cloze = build_cloze(WORK / "skip_quality" / "cloze-wikitext2.jsonl")
     target = str(fetch(SMOLLM2)) if model == "smollm2" else model
     for fmt in formats:
-        for n in ns:
+        for n in ns if fmt == "fp32" else [n for n in ns if n in int4_ns]:
             for rule in ("last", "auto") if n else ("none",):
-                for fill in ("zero", "mean") if n else ("zero",):
+                fills = ("zero", "mean") if fmt == "fp32" else int4_fills
+                for fill in fills if n else ("zero",):
                     key = (model, fmt, rule, n, fill)
                     if key in done:
                         continue
@@ -101,7 +104,9 @@ def measure(model: str, ns: list[int], formats: list[str], tokens: int) -> None:
                     else:
                         out = WORK / "skip_quality" / f"{Path(target).stem}-{fmt}-{rule}{n}-{fill}"
                         quant = QuantConfig(mode="int4", int4_algo="q4_1")
-                        r = export(ExportRequest(model=target, skip=skip, fill=fill, quant=quant, output=out, force=True))
+                        r = export(
+                            ExportRequest(model=target, skip=skip, fill=fill, quant=quant, output=out, force=True)
+                        )
                         row = _scores(str(out), tokens, cloze, threads=2)
                         row["bundle_mb"] = round(sum(f["bytes"] for f in r.manifest["files"].values()) / 2**20, 1)
                     row["skipped"] = row["model"].get("skipped", [])
@@ -116,17 +121,22 @@ def _rows() -> list[dict]:
     return [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.exists() else []
 
 
+def _vs(row: dict, base: dict | None, key: str) -> str:
+    return f"{row[key] / base[key] - 1:+.1%}" if base else "–"
+
+
 def report(model: str, plot: Path) -> None:
     rows = [r for r in _rows() if r["model_arg"] == model]
     base = {r["format"]: r for r in rows if r["n"] == 0}
-    print("| format | N | rule | fill | removed | WikiText-2 ppl | vs intact | TinyStories ppl | vs intact | cloze acc |")
+    print(
+        "| format | N | rule | fill | removed | WikiText-2 ppl | vs intact | TinyStories ppl | vs intact | cloze acc |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["format"] != "fp32", r["n"], r["rule"], r["fill"])):
         b = base.get(r["format"])
-        vs = (lambda k: f"{r[k] / b[k] - 1:+.1%}" if b else "–")  # noqa: E731
         print(
             f"| {r['format']} | {r['n']} | {r['rule']} | {r['fill']} | {','.join(map(str, r['skipped'])) or '–'} | "
-            f"{r['wikitext']:.2f} | {vs('wikitext')} | {r['tinystories']:.2f} | {vs('tinystories')} | "
+            f"{r['wikitext']:.2f} | {_vs(r, b, 'wikitext')} | {r['tinystories']:.2f} | {_vs(r, b, 'tinystories')} | "
             f"{r['cloze_acc_norm']:.3f} ± {r['cloze_stderr']:.3f} |"
         )
     import matplotlib
@@ -138,10 +148,17 @@ def report(model: str, plot: Path) -> None:
     fig, axes = plt.subplots(len(formats), 2, figsize=(10, 3.6 * len(formats)), squeeze=False)
     for row_axes, fmt in zip(axes, formats, strict=True):
         for ax, text in zip(row_axes, ("wikitext", "tinystories"), strict=True):
-            for rule, fill, style in (("last", "zero", "r--"), ("last", "mean", "r-"), ("auto", "zero", "b--"),
-                                      ("auto", "mean", "b-")):
-                pts = sorted((r["n"], r[text]) for r in rows if r["format"] == fmt and
-                             ((r["rule"] == rule and r["fill"] == fill) or r["n"] == 0))
+            for rule, fill, style in (
+                ("last", "zero", "r--"),
+                ("last", "mean", "r-"),
+                ("auto", "zero", "b--"),
+                ("auto", "mean", "b-"),
+            ):
+                pts = sorted(
+                    (r["n"], r[text])
+                    for r in rows
+                    if r["format"] == fmt and ((r["rule"] == rule and r["fill"] == fill) or r["n"] == 0)
+                )
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{rule}-N, fill {fill}")
             ax.set_yscale("log")
             ax.set_xlabel("attention sublayers removed (N)")
@@ -160,6 +177,8 @@ def main() -> None:
     ap.add_argument("--ns", default="0,2,4,6,8,10")
     ap.add_argument("--formats", default="fp32,int4")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of each held-out text")
+    ap.add_argument("--int4-ns", default="0,4,8", help="the N exported to int4 (each is an export + eval)")
+    ap.add_argument("--int4-fills", default="mean")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "skip-quality.png")
     args = ap.parse_args()
@@ -167,7 +186,8 @@ def main() -> None:
         report(args.model, args.plot)
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    measure(args.model, [int(n) for n in args.ns.split(",")], args.formats.split(","), args.tokens)
+    ns, int4_ns = ([int(n) for n in a.split(",")] for a in (args.ns, args.int4_ns))
+    measure(args.model, ns, args.formats.split(","), args.tokens, int4_ns, args.int4_fills.split(","))
 
 
 if __name__ == "__main__":

@@ -218,3 +218,34 @@ def test_eval_auto_skip_ranks_on_the_given_calibration_text(corpora, monkeypatch
     assert len(result.model["skipped"]) == 1
     with pytest.raises(EdgekitError, match="drop --skip/--skip-layers/--calib"):
         evaluate(EvalRequest(target=str(bundle_factory(skip=0, quant="fp32")), calib=calib, text=text))
+
+
+def test_rankings_are_cached_and_a_longer_one_answers_a_shorter_n(ckpt, monkeypatch, tmp_path):
+    import edgekit.quality.choose as choose
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+    three = choose.rank(ckpt, "auto", 3, "mean", token_budget=512)
+    assert len(list((tmp_path / "skip-rankings").glob("*.json"))) == 1
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("ranked again instead of reading the cache")
+
+    monkeypatch.setattr(choose, "measured_greedy", no_measuring)
+    assert choose.rank(ckpt, "auto", 3, "mean", token_budget=512) == three
+    two = choose.rank(ckpt, "auto", 2, "mean", token_budget=512)
+    assert two["order"] == three["order"][:2] and two["ppl_after"] == three["ppl_after"][:2]
+    with pytest.raises(AssertionError, match="ranked again"):  # another fill is another ranking
+        choose.rank(ckpt, "auto", 2, "zero", token_budget=512)
+    other = tmp_path / "other.txt"
+    other.write_text("Once upon a time there was a little dog. The dog liked to run in the park.\n" * 20)
+    with pytest.raises(AssertionError, match="ranked again"):  # so is another calibration text
+        choose.rank(ckpt, "auto", 2, "mean", calib=other, token_budget=512)
+
+
+def test_gatenorm_needs_no_calibration_text_and_cosine_matches_analyze(ckpt, model, analysis):
+    from edgekit.quality.choose import auto_skip
+
+    g = auto_skip(ckpt, "gatenorm", 2, "zero", calib=None)
+    assert g.rule == "gatenorm:2" and list(g.skipped) == analysis.recommend(2).gatenorm
+    c = auto_skip(ckpt, "cosine", 2, "mean", token_budget=analysis.tokens)
+    assert list(c.skipped) == analysis.recommend(2).cosine

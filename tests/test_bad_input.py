@@ -132,6 +132,8 @@ ROWS: list[Row] = [
     # --- skip sets ---
     Row("skip-not-a-number", (*EXPORT, "stories260k", "--skip", "two"), r"--skip two: expected a whole number"),
     Row("skip-negative", (*EXPORT, "stories260k", "--skip", "-1"), r"--skip -1"),
+    Row("skip-unknown-rule", (*EXPORT, "stories260k", "--skip", "best:2"), r"RULE one of auto, cosine, gatenorm"),
+    Row("skip-ranked-every-layer", (*EXPORT, "stories260k", "--skip", "gatenorm:5"), r"between 0 and 4"),
     Row("skip-every-layer", (*EXPORT, "stories260k", "--skip", "5"), r"5 layers"),
     Row("skip-more-than-layers", (*EXPORT, "stories260k", "--skip", "99"), r"5 layers"),
     Row("skip-layers-out-of-range", (*EXPORT, "stories260k", "--skip-layers", "2,7"), r"layer 7 is out of range"),

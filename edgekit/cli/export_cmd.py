@@ -249,7 +249,8 @@ def summary_lines(result: ExportResult) -> list[str]:
     lines = [
         f"wrote {result.bundle} ({human_bytes(size)})",
         f"  layers     {m['architecture']['num_layers']}: attention kept in {len(sk['kept'])} "
-        f"({layer_list(sk['kept'])}), removed from {len(sk['skipped'])} ({layer_list(sk['skipped'])})",
+        f"({layer_list(sk['kept'])}), removed from {len(sk['skipped'])} ({layer_list(sk['skipped'])})"
+        + (f" by {sk['rule']}, fill {sk['fill']['kind']}" if sk["skipped"] else ""),
         _weights_line(m),
     ]
     if v:

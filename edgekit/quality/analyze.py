@@ -47,7 +47,9 @@ def default_calib(ckpt: Any) -> Path:
     return DEFAULT_CALIB if calib_domain(ckpt.path, ckpt.source_id) == "tinystories" else ENGLISH_CALIB
 
 
-DEFAULT_TOKEN_BUDGET = 4096
+# Calibration tokens for ranking and fills: on SmolLM2 the measured auto:8 picked the same layers in the
+# same order from 2,048 tokens as from 4,096 (KL is a low-variance objective), in 164 s instead of 249 s.
+DEFAULT_TOKEN_BUDGET = 2048
 MAX_WINDOW = 1024  # calibration chunks longer than this buy nothing for a redundancy estimate
 
 

@@ -125,7 +125,7 @@ def suggest(ckpt: Any, n: int, fill: str, calib: Path | None = None) -> tuple[li
 
     Returns (layers, calibration perplexity with them removed, the intact model's on the same tokens).
     """
-    lw, _, _ = open_layerwise(ckpt, calib, DEFAULT_TOKEN_BUDGET // 2)
+    lw, _, _ = open_layerwise(ckpt, calib, DEFAULT_TOKEN_BUDGET)
     intact = lw.trace({}, fill)
     greedy = cosine_greedy(lw, n, fill, first=intact)
     return sorted(greedy.order), greedy.ppl_after[-1], math.exp(intact.nll)
