@@ -249,3 +249,24 @@ def test_gatenorm_needs_no_calibration_text_and_cosine_matches_analyze(ckpt, mod
     assert g.rule == "gatenorm:2" and list(g.skipped) == analysis.recommend(2).gatenorm
     c = auto_skip(ckpt, "cosine", 2, "mean", token_budget=analysis.tokens)
     assert list(c.skipped) == analysis.recommend(2).cosine
+
+
+def test_a_longer_ranking_continues_the_cached_shorter_one(ckpt, monkeypatch, tmp_path):
+    import edgekit.quality.choose as choose
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "a"))
+    scratch = choose.rank(ckpt, "auto", 3, "mean", token_budget=512)
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "b"))
+    choose.rank(ckpt, "auto", 1, "mean", token_budget=512)
+    starts = []
+    real = choose.measured_greedy
+
+    def spy(lw, n, fill, prefilter, start=None):
+        starts.append(list(start.order))
+        return real(lw, n, fill, prefilter, start=start)
+
+    monkeypatch.setattr(choose, "measured_greedy", spy)
+    resumed = choose.rank(ckpt, "auto", 3, "mean", token_budget=512)
+    assert starts == [scratch["order"][:1]]  # only rounds 2 and 3 were measured
+    assert resumed["order"] == scratch["order"]
+    assert resumed["ppl_after"] == pytest.approx(scratch["ppl_after"], rel=1e-5)

@@ -19,7 +19,7 @@ from edgekit.checkpoint.fetch import cache_dir
 from edgekit.errors import EdgekitError
 from edgekit.quality.analyze import DEFAULT_TOKEN_BUDGET, default_calib, open_layerwise
 from edgekit.quality.fill import resolve_fill, with_fill
-from edgekit.quality.select import DEFAULT_PREFILTER, cosine_greedy, gate_norm_scores, measured_greedy
+from edgekit.quality.select import DEFAULT_PREFILTER, Greedy, cosine_greedy, gate_norm_scores, measured_greedy
 from edgekit.skip.skipset import SkipSet, choose_skip
 
 RANKING_VERSION = 1  # bump when a ranking's algorithm changes, so cached orders are not reused
@@ -56,21 +56,23 @@ def rank(
         }
     calib = Path(calib) if calib is not None else default_calib(ckpt)
     path = cache_dir() / "skip-rankings" / f"{_cache_key(ckpt, rule, fill, calib, token_budget, prefilter)}.json"
+    start = None
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
         if len(cached["order"]) >= n:
             return cached | {k: cached[k][:n] for k in ("order", "rounds", "ppl_after")}
+        start = Greedy(cached["order"], cached["rounds"], cached["ppl_after"])  # continue it, don't redo it
     except (OSError, ValueError, KeyError, TypeError):
         pass
     lw, calib, _ = open_layerwise(ckpt, calib, token_budget)
     if rule == "auto":
-        greedy = measured_greedy(lw, n, fill, prefilter)
+        greedy = measured_greedy(lw, n, fill, prefilter, start=start)
         method = (
-            f"measured greedy: calibration perplexity with each candidate removed (fill {fill}), "
-            f"{prefilter} lowest 1-cos tried per round, successive halving over chunks"
+            f"measured greedy: KL from the intact model's next-token distributions with each candidate removed "
+            f"(fill {fill}), the {prefilter} lowest 1-cos tried per round, successive halving over the tokens"
         )
     else:
-        greedy = cosine_greedy(lw, n, fill)
+        greedy = cosine_greedy(lw, n, fill, start=start)
         method = "1-cos(in, after attention) (arXiv 2406.15786), greedy: re-scored after each removal"
     record = {
         "method": method,

@@ -83,10 +83,20 @@ def race(lw: LayerwiseModel, trace: Any, candidates: list[int], fill: str) -> di
     return {c: (t / n, n) for c, (t, n) in totals.items()}
 
 
-def measured_greedy(lw: LayerwiseModel, n: int, fill: str, prefilter: int = DEFAULT_PREFILTER) -> Greedy:
-    trace = lw.trace({}, fill)
-    result = Greedy([], [])
-    for _ in range(n):
+def _resume(lw: LayerwiseModel, fill: str, start: Greedy | None) -> tuple[Any, Greedy]:
+    """The trace to continue from and the result so far: a greedy order is a prefix of every longer one."""
+    if start is None:
+        return lw.trace({}, fill), Greedy([], [])
+    result = Greedy(list(start.order), list(start.rounds), list(start.ppl_after))
+    return lw.trace(set(result.order), fill), result
+
+
+def measured_greedy(
+    lw: LayerwiseModel, n: int, fill: str, prefilter: int = DEFAULT_PREFILTER, start: Greedy | None = None
+) -> Greedy:
+    """N greedy removals by measured KL; `start` (an earlier, shorter run on the same settings) is continued."""
+    trace, result = _resume(lw, fill, start)
+    while len(result.order) < n:
         candidates = sorted(trace.importance, key=lambda i: (trace.importance[i], -i))[:prefilter]
         scores = race(lw, trace, candidates, fill)
         most = max(tokens for _, tokens in scores.values())
@@ -100,10 +110,10 @@ def measured_greedy(lw: LayerwiseModel, n: int, fill: str, prefilter: int = DEFA
     return result
 
 
-def cosine_greedy(lw: LayerwiseModel, n: int, fill: str, first: Any = None) -> Greedy:
-    trace = first if first is not None else lw.trace({}, fill)
-    result = Greedy([], [])
-    for _ in range(n):
+def cosine_greedy(lw: LayerwiseModel, n: int, fill: str, first: Any = None, start: Greedy | None = None) -> Greedy:
+    """N greedy removals by 1 − cos; `first` is the intact model's trace if already run."""
+    trace, result = (first, Greedy([], [])) if first is not None and start is None else _resume(lw, fill, start)
+    while len(result.order) < n:
         scores = trace.importance
         pick = min(scores, key=lambda i: (scores[i], -i))
         result.order.append(pick)
