@@ -33,7 +33,7 @@ def valid_text(corpora: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def ckpt_skip2():
-    return open_checkpoint_scorer("stories260k", skip=2)
+    return open_checkpoint_scorer("stories260k", skip=2, fill="zero")  # as bundle_factory exports
 
 
 def _docs(scorer, path: Path, limit: int = DOCS) -> list[list[int]]:

@@ -25,9 +25,10 @@ class AttentionFreeDecoderLayer(nn.Module):
         super().__init__()
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
-        # the removed sublayer's stand-in (SkipSet.fill): a constant added to the residual stream
-        fill_t = torch.zeros(0) if fill is None else torch.as_tensor(fill, dtype=torch.float32)
-        self.register_buffer("fill", fill_t, persistent=False)
+        # The removed sublayer's stand-in (SkipSet.fill): a constant added to the residual stream. A plain
+        # attribute, not a buffer: the streaming model empties each layer's tensors after its forward
+        # (skip.streaming), and a fill is a statistic of the skip set, not a weight it could reload.
+        self.fill = torch.zeros(0) if fill is None else torch.as_tensor(fill, dtype=torch.float32)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.fill.numel():
