@@ -98,6 +98,16 @@ ROWS: list[Row] = [
         (*EXPORT, "stories260k", "--quant", "int4", "--int4-algo", "q4_1", "--block-size", "128"),
         r"q4_1 has blocks of 32",
     ),
+    Row(
+        "int4-algo-hqq-symmetric",
+        (*EXPORT, "stories260k", "--quant", "int4", "--int4-algo", "hqq", "--symmetric"),
+        r"hqq fits a zero point per block",
+    ),
+    Row(
+        "int4-algo-gptq-standard-flavour",
+        (*EXPORT, "stories260k", "--quant", "int4", "--int4-algo", "gptq", "--flavour", "standard"),
+        r"standard graph has no 4-bit weights",
+    ),
     Row("fill-unknown", (*EXPORT, "stories260k", "--skip", "1", "--fill", "median"), r"'median' is not one of"),
     Row(
         "gguf-keep-standard-flavour",

@@ -89,8 +89,10 @@ from edgekit.targets.recipes import get_recipe, resolve_options
     type=click.Choice(INT4_ALGOS),
     default="rtn",
     show_default=True,
-    help="int4 rounding. rtn: onnxruntime's, integer zero points; q4_1: llama.cpp's Q4_1 (exact float block "
-    "minimum, run as MatMulNBits + block offsets, same speed).",
+    help="int4 rounding (docs/quantization.md). onnxruntime's: rtn (min/max), kquant (searched scale and "
+    "minimum), hqq (data-free solver; zero points rounded, scales refitted), gptq (error feedback on --calib "
+    "text; needs the fp32 model in memory); all run as plain MatMulNBits. q4_1: llama.cpp's Q4_1 (exact "
+    "float block minimum, MatMulNBits + block offsets: slower at 135M).",
 )
 @click.option(
     "--int8-kernel",

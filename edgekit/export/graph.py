@@ -267,12 +267,15 @@ def build_decoder(
     model_path: Path,
     max_context: int | None = None,
     on_layer: Callable[[int], None] | None = None,
+    hessians: dict[str, np.ndarray] | None = None,
 ) -> tuple[GraphContract, str | None]:
-    """Write `model_path` (+ `model_path.data` when large). Returns the contract and the data file's name."""
+    """Write `model_path` (+ `model_path.data` when large). Returns the contract and the data file's name.
+
+    `hessians`: each linear's input Hessian, for the quantizers that need calibration (export/calibrate.py)."""
     spec, names, w = ckpt.spec, ckpt.family.names, ckpt.weights
     fdt = TensorProto.FLOAT16 if quant.mode == "fp16" else TensorProto.FLOAT
     sink = TensorSink(model_path.with_name(model_path.name + ".data"))
-    g = GraphWriter(sink, quant)
+    g = GraphWriter(sink, quant, hessians)
     hd = padded_head_dim(spec.head_dim)
     contract = GraphContract(
         skip.kept, spec.kv_heads, hd, "float16" if quant.mode == "fp16" else "float32", logits_to_keep=True

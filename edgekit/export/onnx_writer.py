@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
 from edgekit.export.gguf_blocks import Blocks, matmul_nbits, quantize_q4_1
+from edgekit.export.int4 import int4_matmul
 from edgekit.export.quantize import QuantConfig, matmul_node, quantize_node
 
 OPSET = 21  # int4 tensors need opset 21 / IR 10
@@ -100,6 +101,7 @@ class TensorSink:
 class GraphWriter:
     sink: TensorSink
     quant: QuantConfig
+    hessians: dict[str, np.ndarray] | None = None  # linear name → its inputs' Hessian (--int4-algo gptq)
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     _count: int = 0
 
@@ -139,6 +141,20 @@ class GraphWriter:
         elif bits is None:
             self.float_const(w_name, weight.T)
             self.nodes.append(node)
+        elif bits == 4 and self.quant.int4_algo not in ("rtn", "q4_1"):
+            hessian = (self.hessians or {}).get(name)
+            nodes, inits = int4_matmul(
+                node,
+                weight.T,
+                self.quant.block_size,
+                self.quant.accuracy_level,
+                self.quant.int4_algo,
+                self.quant.symmetric,
+                hessian,
+            )
+            for t in inits:
+                self.sink.add(t)
+            self.nodes.extend(nodes)
         else:
             nodes, inits = quantize_node(node, w_name, weight.T, bits, self.quant)
             for t in inits:

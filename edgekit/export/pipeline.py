@@ -21,9 +21,11 @@ from edgekit.bundle.folder import SCHEMA_VERSION, bundle_writer, write_manifest
 from edgekit.checkpoint.load import Checkpoint, load_torch_model, open_checkpoint
 from edgekit.checkpoint.resolve import ResolvedModel, is_gguf, resolve_model
 from edgekit.errors import EdgekitError
+from edgekit.export.calibrate import matmul_hessians
 from edgekit.export.device import add_target, finish_target, plan_target, recipe_context
 from edgekit.export.graph import build_decoder, graph_manifest
 from edgekit.export.graph_standard import build_standard_decoder
+from edgekit.export.int4 import NEEDS_CALIBRATION
 from edgekit.export.memory import RssWatch, plan_export_memory
 from edgekit.export.quantize import QuantConfig
 from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, unskipped_perplexity, verify
@@ -126,6 +128,12 @@ def export(req: ExportRequest) -> ExportResult:
         ckpt.spec, skip, req.quant, memory.weights_bytes, req.max_memory, req.verify, req.verify_method
     )
     seconds["load"] = time.perf_counter() - t0
+    calibration = None
+    if req.quant.bits == 4 and req.quant.int4_algo in NEEDS_CALIBRATION:
+        if req.flavour == "standard":
+            raise EdgekitError("the standard graph has no 4-bit weights; use --quant int8, fp16 or fp32")
+        calibration = matmul_hessians(ckpt, skip, req.calib or default_calib(ckpt))
+        seconds["calibrate"] = calibration.seconds
 
     with bundle_writer(target, req.force) as tmp, RssWatch(req.max_memory) as rss:
         t = time.perf_counter()
@@ -136,8 +144,16 @@ def export(req: ExportRequest) -> ExportResult:
             rss.check(f"layer {i}")
 
         try:
-            build = build_standard_decoder if req.flavour == "standard" else build_decoder
-            contract, data_file = build(ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=on_layer)
+            if req.flavour == "standard":
+                contract, data_file = build_standard_decoder(
+                    ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=on_layer
+                )
+            else:
+                hessians = calibration.hessians if calibration else None
+                contract, data_file = build_decoder(
+                    ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=on_layer, hessians=hessians
+                )
+                del hessians
         finally:
             progress.close()
         rss.phase_done("build")
@@ -168,6 +184,7 @@ def export(req: ExportRequest) -> ExportResult:
             add_target(
                 _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
                 | ({"quality": quality} if quality else {})
+                | ({"quantization_calibration": calibration.to_manifest()} if calibration else {})
                 | (
                     {"warnings": warnings}
                     if (warnings := skip_warnings(skip, report, _suggester(ckpt, skip, req)))

@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgekit.errors import EdgekitError
+from edgekit.export.int4 import INT4_ALGOS
 
 QUANT_MODES = ("fp32", "fp16", "int8", "int4", "keep")  # keep: a GGUF's own blocks (gguf_blocks.py)
 # How int8 MatMuls run. "blockwise": MatMulNBits, blocks of --block-size, int8 activations per block.
@@ -24,11 +25,16 @@ QUANT_MODES = ("fp32", "fp16", "int8", "int4", "keep")  # keep: a GGUF's own blo
 # 2.3-2.6x faster than MatMulNBits' int8-compute GEMM (256 rows, bench/kernels.py); per-tensor activation
 # scales are coarser, so large models with activation outliers may lose more quality (LLM.int8).
 INT8_KERNELS = ("blockwise", "dynamic")
-# How int4 weights are rounded. "rtn": onnxruntime's round-to-nearest with a uint8 zero point per block.
-# "q4_1": llama.cpp's Q4_1 quantizer (gguf.quants): the block's exact float minimum, w = d·q + m, run as
-# MatMulNBits plus block offsets (gguf_blocks.py) at the same speed. The rounded integer zero point is what
-# rtn loses: +19% perplexity on SmolLM2-135M where q4_1 costs +0.3% (BENCHMARKS.md).
-INT4_ALGOS = ("rtn", "q4_1")
+# How int4 weights are rounded: see int4.py (rtn, kquant, hqq, gptq: onnxruntime's quantizers; q4_1:
+# llama.cpp's, with block offsets).
+
+
+INT4_DESCRIPTIONS = {
+    "kquant": "onnxruntime k-quant (quant_tensor_k_quant), uint8 zero points",
+    "hqq": "onnxruntime HQQ, zero points rounded to integers and scales refitted (edgekit.export.int4)",
+    "gptq": "onnxruntime GPTQ (gptq + quant_tensor) on calibration Hessians, uint8 zero points",
+    "q4_1": "llama.cpp's Q4_1 (gguf.quants) as MatMulNBits + block offsets",
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class QuantConfig:
             raise EdgekitError(f"--int4-algo {self.int4_algo}: choose one of {', '.join(INT4_ALGOS)}")
         if self.int4_algo == "q4_1" and (self.block_size != 32 or self.symmetric):
             raise EdgekitError("--int4-algo q4_1 has blocks of 32 with a float minimum: no --block-size or --symmetric")
+        if self.int4_algo in ("kquant", "hqq") and self.symmetric:
+            raise EdgekitError(f"--int4-algo {self.int4_algo} fits a zero point per block: not with --symmetric")
 
     @property
     def bits(self) -> int | None:
@@ -95,8 +103,8 @@ class QuantConfig:
         d["quantizer"] = "onnxruntime DefaultWeightOnlyQuantizer (MatMulNBits / GatherBlockQuantized)"
         if self.int8_kernel == "dynamic":
             d["quantizer"] = "per-channel symmetric int8 (DynamicQuantizeLinear + MatMulIntegerToFloat)"
-        if self.int4_algo == "q4_1" and self.bits == 4:
-            d["quantizer"] += "; 4-bit MatMuls: llama.cpp's Q4_1 (gguf.quants) as MatMulNBits + block offsets"
+        if self.bits == 4 and self.int4_algo != "rtn":
+            d["quantizer"] += "; 4-bit MatMuls: " + INT4_DESCRIPTIONS[self.int4_algo]
         if self.keeps_gguf_blocks:
             d["lm_head"] = d["embedding"] = "as stored in the GGUF (see source.gguf.tensor_type_by_name)"
             d["scheme"] = (
