@@ -73,7 +73,7 @@ def test_int4_q4_1_rounds_like_llama_cpp_and_recovers_a_q4_1_source(tmp_path):
     write_random_gguf(gguf, qtype="Q4_1", embed_qtype="Q8_0", n_layers=2)
     common = dict(mode="int4", accuracy_level=0, lm_head_bits=8, quantize_embedding=False)  # matrices only
     q41 = _export(gguf, tmp_path / "q41", int4_algo="q4_1", **common)
-    rtn = _export(gguf, tmp_path / "rtn", **common)
+    rtn = _export(gguf, tmp_path / "rtn", int4_algo="rtn", **common)
     assert "Q4_1" in q41["quantization"]["quantizer"]
     d_q41, d_rtn = q41["verification"]["max_abs_logit_diff"], rtn["verification"]["max_abs_logit_diff"]
     assert d_q41 * 10 < d_rtn, (d_q41, d_rtn)

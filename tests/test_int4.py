@@ -163,6 +163,27 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     np.testing.assert_allclose(_dequantized(inits), ours, rtol=1e-5, atol=1e-6)
 
 
+def test_per_token_hessian_keeps_outlier_tokens_from_taking_the_whole_error_budget():
+    """A few tokens 100x larger than the rest in a handful of channels (attention sinks, as in SmolLM2): the
+    plain Hessian fits them and leaves the ordinary tokens worse off; scaled per token, GPTQ fits those."""
+    rng = np.random.default_rng(7)
+    w = _weight(8)
+    xs = _correlated_inputs(9)
+    for x in xs:
+        x[0, :3, :4] *= 100.0  # the first tokens of every batch, four channels
+    plain, per_token = InputHessian(), InputHessian(per_token=True)
+    for x in xs:
+        plain.add(x)
+        per_token.add(x)
+    ordinary = np.concatenate([x[0, 3:] for x in xs]) + 0.0 * rng.standard_normal(1)
+
+    def error(h: np.ndarray) -> float:
+        q, s, z = gptq_blocks(w, h, BLOCK)
+        return float(np.linalg.norm(ordinary @ (((q - z) * s).reshape(N, K).T - w)) ** 2)
+
+    assert error(per_token.value) < 0.8 * error(plain.value)
+
+
 @pytest.fixture(scope="module")
 def stories_int4(tmp_path_factory, stories_path):
     """stories260K exported at each --int4-algo (lm_head 8-bit, the default), and at fp32."""
@@ -175,15 +196,15 @@ def stories_int4(tmp_path_factory, stories_path):
 
 
 def test_hqq_and_gptq_keep_more_of_stories260k_than_rtn_on_held_out_text(stories_int4, corpora):
-    """Measured: TinyStories valid (held out; calibration is the train split) ppl fp32 5.41, rtn 6.07,
-    hqq 5.91, gptq 5.68 (BENCHMARKS.md). The asserts leave room for rounding across platforms."""
+    """TinyStories valid (held out; calibration is the train split), 20,000 tokens. Measured: fp32 5.41,
+    rtn 6.07, hqq 5.91, gptq (per-token Hessian) 5.65 (BENCHMARKS.md)."""
     text = corpora / "tinystories-valid-subset.txt"
     ppl = {
-        algo: evaluate(EvalRequest(target=str(r.bundle), text=text, max_tokens=8000)).perplexity.perplexity
+        algo: evaluate(EvalRequest(target=str(r.bundle), text=text, max_tokens=20000)).perplexity.perplexity
         for algo, r in stories_int4.items()
     }
-    assert ppl["gptq"] < ppl["hqq"] < 0.99 * ppl["rtn"], ppl
-    assert ppl["gptq"] < 1.08 * ppl["fp32"], ppl
+    assert ppl["gptq"] < 0.96 * ppl["rtn"] and ppl["hqq"] < 0.99 * ppl["rtn"], ppl
+    assert ppl["gptq"] < 1.07 * ppl["fp32"], ppl
 
 
 def test_every_algorithm_passes_verification_and_the_manifest_says_how(stories_int4):

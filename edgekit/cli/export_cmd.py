@@ -86,13 +86,13 @@ from edgekit.targets.recipes import get_recipe, resolve_options
 )
 @click.option(
     "--int4-algo",
-    type=click.Choice(INT4_ALGOS),
-    default="rtn",
+    type=click.Choice((*INT4_ALGOS, "auto")),
+    default="auto",
     show_default=True,
-    help="int4 rounding (docs/quantization.md). onnxruntime's: rtn (min/max), kquant (searched scale and "
-    "minimum), hqq (data-free solver; zero points rounded, scales refitted), gptq (error feedback on --calib "
-    "text; needs the fp32 model in memory); all run as plain MatMulNBits. q4_1: llama.cpp's Q4_1 (exact "
-    "float block minimum, MatMulNBits + block offsets: slower at 135M).",
+    help="int4 rounding (docs/quantization.md): rtn (min/max), kquant (searched scale and minimum), hqq "
+    "(data-free solver), gptq (error feedback on --calib text; needs the fp32 model in memory), all plain "
+    "MatMulNBits; q4_1: llama.cpp's Q4_1 (exact float block minimum, + block offsets: slower at 135M). "
+    "auto: gptq where the fp32 model fits in memory, else hqq.",
 )
 @click.option(
     "--int8-kernel",

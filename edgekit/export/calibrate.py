@@ -90,7 +90,10 @@ def matmul_hessians(ckpt: Any, skip: Any, calib: Path, tokens: int = DEFAULT_CAL
 
     def keep(path: str):
         def hook(_mod: Any, args: tuple, _out: Any) -> None:
-            sums[path].add(args[0].detach().numpy())
+            # xᵀx in float32 by torch: 4x faster than numpy's float64 here, and the Hessian is damped by 1%
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = x * (x.shape[1] ** 0.5 / x.norm(dim=1, keepdim=True).clamp_min(1e-30))  # per token (int4.py)
+            sums[path].add_gram((x.T @ x).double().numpy())
 
         return hook
 

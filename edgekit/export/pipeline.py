@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +25,7 @@ from edgekit.export.calibrate import matmul_hessians
 from edgekit.export.device import add_target, finish_target, plan_target, recipe_context
 from edgekit.export.graph import build_decoder, graph_manifest
 from edgekit.export.graph_standard import build_standard_decoder
-from edgekit.export.int4 import NEEDS_CALIBRATION
+from edgekit.export.int4 import AUTO, NEEDS_CALIBRATION, default_int4_algo
 from edgekit.export.memory import RssWatch, plan_export_memory
 from edgekit.export.quantize import QuantConfig
 from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, unskipped_perplexity, verify
@@ -33,6 +33,7 @@ from edgekit.export.verify_streaming import verify_streaming
 from edgekit.quality.analyze import default_calib
 from edgekit.quality.choose import select_skip, suggest
 from edgekit.quality.gate import quality_gate
+from edgekit.quality.streaming import should_stream
 from edgekit.skip.skipset import SkipSet
 
 TOKENIZER_FILES = (
@@ -86,6 +87,14 @@ def default_quant(model: str) -> str:
     return "keep" if is_gguf(model) else "fp32"
 
 
+def _resolved_int4(req: ExportRequest, ckpt: Checkpoint, streaming: bool) -> QuantConfig:
+    q = req.quant
+    if q.int4_algo != AUTO:
+        return q
+    fits = not streaming and not should_stream(ckpt)
+    return replace(q, int4_algo=default_int4_algo(fits, q.symmetric, q.keeps_gguf_blocks))
+
+
 def default_output(resolved: ResolvedModel, skip: SkipSet, quant: QuantConfig) -> Path:
     name = resolved.source_id.rstrip("/").split("/")[-1].lower().removesuffix(".gguf") or "model"
     return Path("out") / f"{name}-skip{len(skip.skipped)}-{quant.mode}"
@@ -127,11 +136,17 @@ def export(req: ExportRequest) -> ExportResult:
     export_memory = plan_export_memory(  # refuses what this machine's budget cannot hold, before writing
         ckpt.spec, skip, req.quant, memory.weights_bytes, req.max_memory, req.verify, req.verify_method
     )
+    req = replace(req, quant=_resolved_int4(req, ckpt, export_memory.verify_method == "streaming"))
     seconds["load"] = time.perf_counter() - t0
     calibration = None
     if req.quant.bits == 4 and req.quant.int4_algo in NEEDS_CALIBRATION:
         if req.flavour == "standard":
             raise EdgekitError("the standard graph has no 4-bit weights; use --quant int8, fp16 or fp32")
+        if export_memory.verify_method == "streaming":
+            raise EdgekitError(
+                "--int4-algo gptq calibrates on the fp32 model, which does not fit this export's memory budget; "
+                "use --int4-algo hqq (data-free)"
+            )
         calibration = matmul_hessians(ckpt, skip, req.calib or default_calib(ckpt))
         seconds["calibrate"] = calibration.seconds
 

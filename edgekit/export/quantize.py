@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgekit.errors import EdgekitError
-from edgekit.export.int4 import INT4_ALGOS
+from edgekit.export.int4 import AUTO, INT4_ALGOS
 
 QUANT_MODES = ("fp32", "fp16", "int8", "int4", "keep")  # keep: a GGUF's own blocks (gguf_blocks.py)
 # How int8 MatMuls run. "blockwise": MatMulNBits, blocks of --block-size, int8 activations per block.
@@ -47,7 +47,7 @@ class QuantConfig:
     lm_head_bits: int | None = None  # None: the same as the other MatMuls
     quantize_embedding: bool = True  # int4 only: GatherBlockQuantized
     int8_kernel: str = "blockwise"  # int8 only; see INT8_KERNELS
-    int4_algo: str = "rtn"  # int4 (and keep's fallback) only; see INT4_ALGOS
+    int4_algo: str = AUTO  # int4 (and keep's fallback) only; see int4.py; the pipeline resolves "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -62,7 +62,7 @@ class QuantConfig:
             raise EdgekitError(f"--int8-kernel {self.int8_kernel}: choose one of {', '.join(INT8_KERNELS)}")
         if self.int8_kernel == "dynamic" and self.mode != "int8":
             raise EdgekitError("--int8-kernel dynamic needs --quant int8")
-        if self.int4_algo not in INT4_ALGOS:
+        if self.int4_algo not in (*INT4_ALGOS, AUTO):
             raise EdgekitError(f"--int4-algo {self.int4_algo}: choose one of {', '.join(INT4_ALGOS)}")
         if self.int4_algo == "q4_1" and (self.block_size != 32 or self.symmetric):
             raise EdgekitError("--int4-algo q4_1 has blocks of 32 with a float minimum: no --block-size or --symmetric")
@@ -103,7 +103,7 @@ class QuantConfig:
         d["quantizer"] = "onnxruntime DefaultWeightOnlyQuantizer (MatMulNBits / GatherBlockQuantized)"
         if self.int8_kernel == "dynamic":
             d["quantizer"] = "per-channel symmetric int8 (DynamicQuantizeLinear + MatMulIntegerToFloat)"
-        if self.bits == 4 and self.int4_algo != "rtn":
+        if self.bits == 4 and self.int4_algo not in ("rtn", AUTO):
             d["quantizer"] += "; 4-bit MatMuls: " + INT4_DESCRIPTIONS[self.int4_algo]
         if self.keeps_gguf_blocks:
             d["lm_head"] = d["embedding"] = "as stored in the GGUF (see source.gguf.tensor_type_by_name)"
