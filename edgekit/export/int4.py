@@ -13,8 +13,8 @@ level 4):
   inverse Hessian of the layer's inputs on calibration text), written here (`gptq_blocks`): onnxruntime
   1.32's port (neural_compressor.weight_only.gptq) takes the error-feedback rows from the lower half of an
   upper-triangular Cholesky factor, which is zero, so its result is min/max RTN to the last bit
-  (tests/test_int4.py checks that, so a fixed onnxruntime shows up). Group parameters are set when a
-  group is reached, from the already-updated weights, with integer zero points refitted as for hqq.
+  (tests/test_int4.py checks that, so a fixed onnxruntime shows up). Act order with static groups; the
+  Hessian per token (InputHessian); block parameters min/max with integer zero points refitted as for hqq.
 - q4_1: llama.cpp's Q4_1 (float block minimum) as MatMulNBits plus block offsets (gguf_blocks.py).
 
 onnxruntime's `MatMulNBitsQuantizer` runs these over a finished fp32 model; we call the same per-weight
@@ -135,29 +135,34 @@ def gptq_blocks(
     w: np.ndarray, hessian: np.ndarray, block: int, symmetric: bool = False, lazy: int = GPTQ_BLOCKSIZE
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ of w [K, N] (K a multiple of `block`) → (q [N·K/block, block], scale, zero point), onnxruntime's
-    block layout (what quant_tensor(w.T) returns). The loop follows the reference implementation's lazy
-    batches of `lazy` rows; row r's error updates the rows after it by the r-th row of U, H⁻¹ = UᵀU."""
+    block layout (what quant_tensor(w.T) returns). The reference loop with its lazy batches of `lazy` rows;
+    row r's error updates the rows after it by the r-th row of U, H⁻¹ = UᵀU. Rows go in descending
+    Hessian diagonal ("act order"), each block's scale and zero point fixed beforehand from the weights
+    ("static groups", so blocks stay contiguous for MatMulNBits): on SmolLM2 (PyTorch, WikiText-2 held
+    out) 16.96 against 17.20 in plain order, fp32 15.79."""
     w, h = w.astype(np.float64).copy(), hessian.astype(np.float64).copy()
     k, n = w.shape
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     w[dead, :] = 0
+    scales, zeros = np.zeros((k // block, n)), np.zeros((k // block, n))
+    for g in range(k // block):
+        scales[g], zeros[g] = _group_params(w[g * block : (g + 1) * block], symmetric)
+    order = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[order], h[order][:, order]
     h[np.diag_indices(k)] += GPTQ_PERCDAMP * np.mean(np.diag(h))
     u = _upper_cholesky_of_inverse(h)
     q = np.zeros((k, n))
-    scales, zeros = np.zeros((k // block, n)), np.zeros((k // block, n))
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         w1, errors, u1 = w[i1:i2].copy(), np.zeros((i2 - i1, n)), u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            r = i1 + i
-            if r % block == 0:
-                scales[r // block], zeros[r // block] = _group_params(w1[i : i + block], symmetric)
-            s, z = scales[r // block], zeros[r // block]
-            q[r] = np.clip(np.round(w1[i] / s + z), 0, 15)
-            errors[i] = (w1[i] - (q[r] - z) * s) / u1[i, i]
+            s, z = scales[order[i1 + i] // block], zeros[order[i1 + i] // block]
+            q[i1 + i] = np.clip(np.round(w1[i] / s + z), 0, 15)
+            errors[i] = (w1[i] - (q[i1 + i] - z) * s) / u1[i, i]
             w1[i:] -= np.outer(u1[i, i:], errors[i])
         w[i2:] -= u[i1:i2, i2:].T @ errors
+    q = q[np.argsort(order)]
     return q.T.reshape(-1, block), scales.T.reshape(-1, 1), zeros.T.reshape(-1, 1).astype(np.uint8)
 
 
