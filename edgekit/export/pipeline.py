@@ -139,9 +139,8 @@ def export(req: ExportRequest) -> ExportResult:
     req = replace(req, quant=_resolved_int4(req, ckpt, export_memory.verify_method == "streaming"))
     seconds["load"] = time.perf_counter() - t0
     calibration = None
-    if req.quant.bits == 4 and req.quant.int4_algo in NEEDS_CALIBRATION:
-        if req.flavour == "standard":
-            raise EdgekitError("the standard graph has no 4-bit weights; use --quant int8, fp16 or fp32")
+    # The standard graph refuses 4-bit weights itself (graph_standard.py): nothing to calibrate for it.
+    if req.quant.bits == 4 and req.quant.int4_algo in NEEDS_CALIBRATION and req.flavour != "standard":
         if export_memory.verify_method == "streaming":
             raise EdgekitError(
                 "--int4-algo gptq calibrates on the fp32 model, which does not fit this export's memory budget; "
