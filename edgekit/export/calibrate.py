@@ -18,15 +18,15 @@ from edgekit.errors import EdgekitError
 from edgekit.export.graph import pad_heads, padded_head_dim
 from edgekit.export.int4 import InputHessian
 
-# GPTQ's reference setting is 128 sequences of 2,048 tokens; on SmolLM2-135M 4,096 tokens in windows of
-# 512 gave the same perplexity as 8,192 (BENCHMARKS.md), and a Hessian needs K ≪ tokens only loosely.
+# GPTQ's reference setting is 128 sequences of 2,048 tokens. 4,096 tokens (more than the widest K, 1,536 on
+# SmolLM2) took 24 s there and gave +7.4% perplexity; more tokens were not measured.
 DEFAULT_CALIB_TOKENS = 4096
 CALIB_WINDOW = 512
 
 
 @dataclass
 class Calibration:
-    hessians: dict[str, np.ndarray]  # graph linear name → [K, K] float64
+    hessians: dict[str, np.ndarray]  # graph linear name → [K, K] float32
     text: str
     tokens: int
     seconds: float
@@ -92,7 +92,7 @@ def matmul_hessians(ckpt: Any, skip: Any, calib: Path, tokens: int = DEFAULT_CAL
         def hook(_mod: Any, args: tuple, _out: Any) -> None:
             # xᵀx in float32 by torch: 4x faster than numpy's float64 here, and the Hessian is damped by 1%
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            x = x * (x.shape[1] ** 0.5 / x.norm(dim=1, keepdim=True).clamp_min(1e-30))  # per token (int4.py)
+            x = x * (x.shape[1] ** 0.5 / x.norm(dim=1, keepdim=True).clamp_min(1e-30))  # InputHessian.per_token
             sums[path].add_gram((x.T @ x).double().numpy())
 
         return hook

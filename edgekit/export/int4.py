@@ -19,7 +19,9 @@ level 4):
 
 onnxruntime's `MatMulNBitsQuantizer` runs these over a finished fp32 model; we call the same per-weight
 functions as the graph builder emits each MatMul, so the fp32 weights never sit in memory together (the
-7B plan), and the bytes are the same (tests/test_int4.py pins each against the whole-model quantizer).
+7B plan). rtn and kquant give the whole-model quantizer's bytes (tests/test_streaming_export.py,
+tests/test_int4.py); hqq and gptq differ from onnxruntime's by design (integer zero points; a working
+GPTQ), and their tests check what each step is for.
 """
 
 from __future__ import annotations
@@ -250,16 +252,12 @@ class InputHessian:
         self.h += (2 / self.samples) * gram
 
     def add(self, x: np.ndarray) -> None:
-        rows = x.shape[0]  # onnxruntime counts batches (the leading axis), not tokens
+        """One calibration batch x [batch, ..., K]; onnxruntime counts batches (the leading axis), not tokens."""
+        rows = x.shape[0]
         x = np.reshape(x, (-1, x.shape[-1])).astype(np.float64)
-        if self.per_token:
+        if self.per_token:  # calibrate.py does the same in torch before add_gram
             x = x * (np.sqrt(x.shape[1]) / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30))
-        if self.h is None:
-            self.h = np.zeros((x.shape[1], x.shape[1]))
-        self.h *= self.samples / (self.samples + rows)
-        self.samples += rows
-        x = np.sqrt(2 / self.samples) * x
-        self.h += np.matmul(x.T, x)
+        self.add_gram(x.T @ x, rows)
 
     @property
     def value(self) -> np.ndarray:

@@ -32,7 +32,7 @@ INT8_KERNELS = ("blockwise", "dynamic")
 INT4_DESCRIPTIONS = {
     "kquant": "onnxruntime k-quant (quant_tensor_k_quant), uint8 zero points",
     "hqq": "onnxruntime HQQ, zero points rounded to integers and scales refitted (edgekit.export.int4)",
-    "gptq": "onnxruntime GPTQ (gptq + quant_tensor) on calibration Hessians, uint8 zero points",
+    "gptq": "GPTQ (edgekit.export.int4: act order, per-token Hessian on --calib text), uint8 zero points",
     "q4_1": "llama.cpp's Q4_1 (gguf.quants) as MatMulNBits + block offsets",
 }
 
