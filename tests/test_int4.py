@@ -78,7 +78,8 @@ def test_hqq_integer_zero_points_beat_rounding_hqqs_and_rtns():
     q, s_int, z_int = integer_zero_points(blocks, s, z)
     ours = (q - z_int) * s_int
     assert z_int.dtype == np.uint8 and z_int.max() <= 15
-    assert np.all(((ours - blocks) ** 2).sum(1) <= ((rounded - blocks) ** 2).sum(1) + 1e-12)
+    # float32 arithmetic (int4.integer_zero_points runs in torch): equal up to its rounding
+    assert np.all(((ours - blocks) ** 2).sum(1) <= ((rounded - blocks) ** 2).sum(1) * (1 + 1e-5) + 1e-9)
     qr, sr, zr = quant_tensor(w.T, 4, BLOCK, "asym", "uint")
     rtn = (qr - zr) * sr
     assert ((ours - blocks) ** 2).sum() < 0.95 * ((rtn - blocks) ** 2).sum()  # measured: 0.92

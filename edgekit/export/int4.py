@@ -128,7 +128,7 @@ def _hqq(w: np.ndarray, block: int, symmetric: bool):
         part = np.ascontiguousarray(rows[r : r + HQQ_ROWS])
         _, scale, zero = hqq.quantize_internal(torch.from_numpy(part), bits=4, group_size=block)
         q, s, z = integer_zero_points(
-            part.reshape(-1, block).astype(np.float64), scale.reshape(-1, 1).numpy(), zero.reshape(-1, 1).numpy()
+            part.reshape(-1, block), scale.reshape(-1, 1).numpy(), zero.reshape(-1, 1).numpy()
         )
         parts.append((q.astype(np.uint8), s, z))
     return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
@@ -207,25 +207,33 @@ def integer_zero_points(
 
     Starting from an optimised float (scale, zero): alternately, for each of round(zero) − 1, + 0, + 1,
     quantize and refit the scale by least squares, s = Σ (q − z)·w / Σ (q − z)², and keep what has the
-    smallest squared error. `blocks` [nb, G] float64 weights; scale, zero [nb, 1] (w ≈ s · (q − z)).
+    smallest squared error. `blocks` [nb, G] weights; scale, zero [nb, 1] (w ≈ s · (q − z)).
+    In torch, float32: numpy float64 made this 80% of a 7B hqq export's time (~65 of 81 minutes).
     """
-    best_err = np.full((blocks.shape[0], 1), np.inf)
-    scale, zero = scale.astype(np.float64), zero.astype(np.float64)
-    z, s = np.clip(np.round(zero), 0, 15), scale
+    import torch
+
+    w = torch.from_numpy(np.ascontiguousarray(blocks, np.float32))
+    s = torch.from_numpy(np.ascontiguousarray(scale, np.float32))
+    z = torch.from_numpy(np.ascontiguousarray(zero, np.float32)).round().clamp(0, 15)
+    best_err = torch.full((w.shape[0], 1), float("inf"))
+
+    def shifted(sc: torch.Tensor, zc: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(w / sc + zc), 0, 15) - zc
+
     for _ in range(rounds):
-        best_z, best_s = z.copy(), s.copy()
+        best_z, best_s = z.clone(), s.clone()
         for dz in (-1.0, 0.0, 1.0):
-            zc = np.clip(np.round(z) + dz, 0, 15)
-            q = np.clip(np.round(blocks / s + zc), 0, 15) - zc
-            refit = (q * blocks).sum(1, keepdims=True) / np.maximum((q * q).sum(1, keepdims=True), 1e-30)
-            sc = np.where(refit > 0, refit, s)
-            err = (((np.clip(np.round(blocks / sc + zc), 0, 15) - zc) * sc - blocks) ** 2).sum(1, keepdims=True)
+            zc = torch.clamp(z + dz, 0, 15)
+            q = shifted(s, zc)
+            refit = (q * w).sum(1, keepdim=True) / (q * q).sum(1, keepdim=True).clamp_min(1e-30)
+            sc = torch.where(refit > 0, refit, s)
+            err = ((shifted(sc, zc) * sc - w) ** 2).sum(1, keepdim=True)
             better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_z, best_s = np.where(better, zc, best_z), np.where(better, sc, best_s)
+            best_err = torch.where(better, err, best_err)
+            best_z, best_s = torch.where(better, zc, best_z), torch.where(better, sc, best_s)
         z, s = best_z, best_s
-    q = np.clip(np.round(blocks / s + z), 0, 15)
-    return q, s.astype(np.float32), z.astype(np.uint8)
+    q = torch.clamp(torch.round(w / s + z), 0, 15)
+    return q.numpy(), s.numpy(), z.numpy().astype(np.uint8)
 
 
 class InputHessian:
