@@ -108,6 +108,16 @@ ROWS: list[Row] = [
         (*EXPORT, "stories260k", "--quant", "int4", "--int4-algo", "gptq", "--flavour", "standard"),
         r"standard graph \(mobile EPs\) has no int4 weights",
     ),
+    Row(
+        "kv-cache-fp16-under-fp32",
+        (*EXPORT, "stories260k", "--kv-cache", "fp16"),
+        r"--kv-cache fp16 with fp32 activations: .*20-100x slower",
+    ),
+    Row(
+        "kv-cache-int8-standard-flavour",
+        (*EXPORT, "stories260k", "--quant", "int8", "--kv-cache", "int8", "--flavour", "standard"),
+        r"--kv-cache int8: the standard graph .* no quantized cache",
+    ),
     Row("fill-unknown", (*EXPORT, "stories260k", "--skip", "1", "--fill", "median"), r"'median' is not one of"),
     Row(
         "gguf-keep-standard-flavour",

@@ -3,7 +3,8 @@
     weights   every tensor the graph holds, in the chosen format (int4/int8 blocks carry a float32 scale,
               and a packed zero point unless symmetric); the embedding table and lm_head are separate
               tensors even when the checkpoint ties them
-    kv cache  2 (K, V) x kept layers x KV heads x head_dim (as the graph pads it) x max context x bytes,
+    kv cache  2 (K, V) x kept layers x KV heads x head_dim (as the graph pads it) x max context x bytes
+              (--kv-cache: 4 or 2 for float, 1 for int8, 1/2 for int4; the scales are negligible),
               for one sequence: onnxruntime-genai's shared past/present buffer allocates all of it up front
     overhead  onnxruntime's arena, prepacked MatMulNBits copies and activations: a fixed 150 MB, 10% of
               the weights, and one prefill chunk's logits, MLP and attention-score buffers
@@ -76,7 +77,7 @@ def estimate_memory(spec: ModelSpec, kept: int, quant: QuantConfig, context: int
     rotary = 2 * context * head_dim // 2 * fb if kept else 0
     weights = kept * attn + spec.num_layers * mlp + embedding + lm_head + norms + rotary
 
-    kv = 2 * kept * spec.kv_heads * head_dim * context * fb
+    kv = int(2 * kept * spec.kv_heads * head_dim * context * quant.kv_format().bytes_per_value())
     chunk = min(PREFILL_CHUNK, context)
     activations = chunk * 4 * (spec.vocab + 3 * spec.intermediate + 4 * spec.hidden) + 4 * spec.heads * chunk * context
     overhead = FIXED_OVERHEAD + int(WEIGHT_OVERHEAD * weights) + activations

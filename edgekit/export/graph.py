@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 from edgekit.checkpoint.load import Checkpoint, rotary_tables
 from edgekit.errors import EdgekitError
 from edgekit.export.gguf_blocks import Blocks, KeptWeights, gather_blocks, stack_rows
+from edgekit.export.kv_cache import KVScales
 from edgekit.export.onnx_writer import MS_DOMAIN, OPSET, GraphContract, GraphWriter, TensorSink, write_model
 from edgekit.export.quantize import QuantConfig, quantize_node
 from edgekit.skip.skipset import SkipSet
@@ -65,9 +66,12 @@ def pad_rotary(table: np.ndarray, head_dim: int, fill: float) -> np.ndarray:
     return np.concatenate([table, pad], axis=1)
 
 
+KV_VALUE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "int4": 0.5}
+
+
 def graph_manifest(contract: GraphContract, data_file: str | None) -> dict[str, Any]:
     """The manifest's graph section for the fused flavour (export.device rewrites it for the standard one)."""
-    value_bytes = 2 if contract.kv_dtype == "float16" else 4
+    value_bytes = KV_VALUE_BYTES[contract.kv_dtype]
     return {
         "file": "model.onnx",
         "external_data": data_file,
@@ -80,7 +84,7 @@ def graph_manifest(contract: GraphContract, data_file: str | None) -> dict[str, 
             "GatherBlockQuantized",
         ],
         **contract.to_manifest(),
-        "kv_bytes_per_token": 2 * len(contract.kept_layers) * contract.kv_heads * contract.head_dim * value_bytes,
+        "kv_bytes_per_token": int(2 * len(contract.kept_layers) * contract.kv_heads * contract.head_dim * value_bytes),
     }
 
 
@@ -133,6 +137,7 @@ class _AttentionInputs:
     cos: str
     sin: str
     context: int
+    kv_scales: KVScales | None = None  # a quantized cache's per-channel scales (kv_cache.py)
 
 
 def _embedding(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, fdt: int) -> tuple[str, Any]:
@@ -160,7 +165,9 @@ def _embedding(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, fdt: int) -
     return out, (embed if ckpt.spec.tie_embeddings else None)
 
 
-def _attention_inputs(g: GraphWriter, ckpt: Checkpoint, skip: SkipSet, context: int) -> _AttentionInputs:
+def _attention_inputs(
+    g: GraphWriter, ckpt: Checkpoint, skip: SkipSet, context: int, kv_scales: KVScales | None
+) -> _AttentionInputs:
     # GroupQueryAttention derives positions and causal masking from per-row lengths.
     mask_sum = g.op(
         "ReduceSum",
@@ -178,7 +185,7 @@ def _attention_inputs(g: GraphWriter, ckpt: Checkpoint, skip: SkipSet, context: 
         cos, sin = rotary_tables(ckpt, context)
         cos_name = g.float_const("cos_cache", pad_rotary(cos, ckpt.spec.head_dim, 1.0))
         sin_name = g.float_const("sin_cache", pad_rotary(sin, ckpt.spec.head_dim, 0.0))
-    return _AttentionInputs(seqlens_k, total_len, cos_name, sin_name, context)
+    return _AttentionInputs(seqlens_k, total_len, cos_name, sin_name, context, kv_scales)
 
 
 def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _AttentionInputs) -> str:
@@ -204,10 +211,21 @@ def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _
     attn_outs = [f"{p}/attn/GQA/out", f"present.{slot}.key", f"present.{slot}.value"]
     past = [f"past_key_values.{slot}.key", f"past_key_values.{slot}.value"]
     window = spec.sliding_window if spec.sliding_window and spec.sliding_window < a.context else -1
+    quantized: dict[str, Any] = {}
+    scales: list[str] = []
+    if a.kv_scales is not None:  # inputs 9-11 (position_ids, attention_bias, head_sink) stay empty
+        quantized = {
+            "k_quant_type": "PER_CHANNEL",
+            "v_quant_type": "PER_CHANNEL",
+            "kv_cache_bit_width": a.kv_scales.bits,
+        }
+        # float32 even in an fp16 graph: GroupQueryAttention's scale type
+        scales = ["", "", "", g.const(f"{p}/attn/k_scale", a.kv_scales.key[slot])]
+        scales.append(g.const(f"{p}/attn/v_scale", a.kv_scales.value[slot]))
     g.nodes.append(
         helper.make_node(
             "GroupQueryAttention",
-            [qkv, "", "", *past, a.seqlens_k, a.total_len, a.cos, a.sin],
+            [qkv, "", "", *past, a.seqlens_k, a.total_len, a.cos, a.sin, *scales],
             attn_outs,
             name=f"{p}/attn/GQA",
             domain=MS_DOMAIN,
@@ -217,6 +235,7 @@ def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _
             do_rotary=1,
             rotary_interleaved=0,
             local_window_size=window,
+            **quantized,
         )
     )
     o_w = pad_heads(w.get(names.o.format(i=i)), spec.heads, spec.head_dim, 1)
@@ -268,23 +287,28 @@ def build_decoder(
     max_context: int | None = None,
     on_layer: Callable[[int], None] | None = None,
     hessians: dict[str, np.ndarray] | None = None,
+    kv_scales: KVScales | None = None,
 ) -> tuple[GraphContract, str | None]:
     """Write `model_path` (+ `model_path.data` when large). Returns the contract and the data file's name.
 
-    `hessians`: each linear's input Hessian, for the quantizers that need calibration (export/calibrate.py)."""
+    `hessians`: each linear's input Hessian, for the quantizers that need calibration (export/calibrate.py).
+    `kv_scales`: for an int8/int4 cache (`quant.kv_cache`), its calibrated scales (export/kv_cache.py)."""
     spec, names, w = ckpt.spec, ckpt.family.names, ckpt.weights
     fdt = TensorProto.FLOAT16 if quant.mode == "fp16" else TensorProto.FLOAT
     sink = TensorSink(model_path.with_name(model_path.name + ".data"))
     g = GraphWriter(sink, quant, hessians)
     hd = padded_head_dim(spec.head_dim)
-    contract = GraphContract(
-        skip.kept, spec.kv_heads, hd, "float16" if quant.mode == "fp16" else "float32", logits_to_keep=True
-    )
+    kv = quant.kv_format()
+    if kv.quantized and kv_scales is None and skip.kept:
+        raise EdgekitError(f"--kv-cache {quant.kv_cache} needs calibrated scales (edgekit.export.kv_cache)")
+    contract = GraphContract(skip.kept, spec.kv_heads, hd, kv.name, logits_to_keep=True)
     if quant.keeps_gguf_blocks:
         ckpt = _with_kept_blocks(ckpt)
     try:
         embedded, tied = _embedding(g, ckpt, quant, fdt)
-        attention_inputs = _attention_inputs(g, ckpt, skip, max_context or spec.max_context)
+        attention_inputs = _attention_inputs(
+            g, ckpt, skip, max_context or spec.max_context, kv_scales if kv.quantized else None
+        )
         stream = _ResidualStream(g, embedded, spec.rms_eps)
         for i in range(spec.num_layers):
             p = f"/model/layers.{i}"
@@ -304,4 +328,6 @@ def build_decoder(
         sink.close()
 
     opsets = [("", OPSET), (MS_DOMAIN, 1)]
-    return contract, write_model(g.nodes, sink, contract, spec.vocab, fdt, model_path, "edgekit_decoder", opsets)
+    return contract, write_model(
+        g.nodes, sink, contract, spec.vocab, kv.elem_type, model_path, "edgekit_decoder", opsets
+    )

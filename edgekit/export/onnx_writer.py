@@ -33,7 +33,7 @@ class GraphContract:
     kept_layers: tuple[int, ...]
     kv_heads: int
     head_dim: int
-    kv_dtype: str
+    kv_dtype: str  # float32 | float16 | int8 | int4 (packed two per uint8 along head_dim): kv_cache.py
     # An optional int64[1] input (default 0 = every position): logits only for the last k positions. A
     # prompt's forward needs only its last row; all rows cost a [seq, vocab] float buffer (131 MB at 1,024
     # tokens with a 32k vocabulary, 2.1 GB at 4,096 with Llama 3's 128k) and ~1% of a 1.1B prefill's time.
@@ -177,8 +177,9 @@ def write_model(
     initializers: list[TensorProto] | None = None,
 ) -> str | None:
     """Wrap a flavour's nodes in the contract's inputs/outputs and save; every flavour ends here."""
-    kv_in = ["batch_size", contract.kv_heads, "past_sequence_length", contract.head_dim]
-    kv_out = ["batch_size", contract.kv_heads, "total_sequence_length", contract.head_dim]
+    stored = contract.head_dim // 2 if contract.kv_dtype == "int4" else contract.head_dim  # two per byte
+    kv_in = ["batch_size", contract.kv_heads, "past_sequence_length", stored]
+    kv_out = ["batch_size", contract.kv_heads, "total_sequence_length", stored]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),

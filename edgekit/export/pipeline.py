@@ -26,6 +26,7 @@ from edgekit.export.device import add_target, finish_target, plan_target, recipe
 from edgekit.export.graph import build_decoder, graph_manifest
 from edgekit.export.graph_standard import build_standard_decoder
 from edgekit.export.int4 import AUTO, NEEDS_CALIBRATION, default_int4_algo
+from edgekit.export.kv_cache import calibrate_kv_scales
 from edgekit.export.memory import RssWatch, plan_export_memory
 from edgekit.export.quantize import QuantConfig
 from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, unskipped_perplexity, verify
@@ -131,6 +132,7 @@ def export(req: ExportRequest) -> ExportResult:
     context = recipe_context(req, ckpt.spec.max_context)
     if context < 2 or context > ckpt.spec.max_context:
         raise EdgekitError(f"--max-context {context}: must be between 2 and the model's {ckpt.spec.max_context}")
+    kv_format = req.quant.kv_format(req.flavour)  # refuses a quantized cache on the standard graph
     target = req.output or default_output(resolved, skip, req.quant)
     memory = plan_target(req, ckpt, skip, context)  # refuses what the device's memory cannot hold
     export_memory = plan_export_memory(  # refuses what this machine's budget cannot hold, before writing
@@ -148,6 +150,11 @@ def export(req: ExportRequest) -> ExportResult:
             )
         calibration = matmul_hessians(ckpt, skip, req.calib or default_calib(ckpt))
         seconds["calibrate"] = calibration.seconds
+    kv_scales = None
+    if kv_format.quantized and skip.kept:
+        streamed = export_memory.verify_method == "streaming"
+        kv_scales = calibrate_kv_scales(ckpt, skip, req.calib or default_calib(ckpt), kv_format.bits, streamed)
+        seconds["calibrate_kv"] = kv_scales.seconds
 
     with bundle_writer(target, req.force) as tmp, RssWatch(req.max_memory) as rss:
         t = time.perf_counter()
@@ -165,7 +172,14 @@ def export(req: ExportRequest) -> ExportResult:
             else:
                 hessians = calibration.hessians if calibration else None
                 contract, data_file = build_decoder(
-                    ckpt, skip, req.quant, tmp / "model.onnx", context, on_layer=on_layer, hessians=hessians
+                    ckpt,
+                    skip,
+                    req.quant,
+                    tmp / "model.onnx",
+                    context,
+                    on_layer=on_layer,
+                    hessians=hessians,
+                    kv_scales=kv_scales,
                 )
                 del hessians
         finally:
@@ -199,6 +213,7 @@ def export(req: ExportRequest) -> ExportResult:
                 _manifest(req, resolved, ckpt, skip, contract, data_file, context, tokenizer_files, report, seconds)
                 | ({"quality": quality} if quality else {})
                 | ({"quantization_calibration": calibration.to_manifest()} if calibration else {})
+                | ({"kv_cache_calibration": kv_scales.to_manifest()} if kv_scales else {})
                 | (
                     {"warnings": warnings}
                     if (warnings := skip_warnings(skip, report, _suggester(ckpt, skip, req)))
@@ -297,13 +312,16 @@ def _verify(
     from edgekit.skip.surgery import apply_skip
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    # verify holds only an all-float graph to PyTorch's logits exactly; a quantized cache is lossy like int8
+    lossy_kv = req.quant.kv_format(req.flavour).quantized
+    mode = f"{req.quant.mode}+kv-{req.quant.kv_cache}" if lossy_kv else req.quant.mode
     if method == "streaming":  # the fp32 model does not fit the memory budget: one layer at a time
         return verify_streaming(
             folder / "model.onnx",
             ckpt,
             skip,
             lambda s: tokenizer.encode(s).ids,
-            req.quant.mode,
+            mode,
             req.verify_text,
             context=min(context, 512),
         )
@@ -314,10 +332,10 @@ def _verify(
         folder / "model.onnx",
         model,
         encode,
-        req.quant.mode,
+        mode,
         req.verify_text,
         context=min(context, 512),
-        score_ppl=req.quant.mode != "fp32" or skipped,
+        score_ppl=mode != "fp32" or skipped,
     )
     if skipped and req.verify_text is not None:  # the same tokens on the whole model, one fp32 model at a time
         del model

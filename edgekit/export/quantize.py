@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 
 from edgekit.errors import EdgekitError
 from edgekit.export.int4 import AUTO, INT4_ALGOS
+from edgekit.export.kv_cache import KV_CACHES, KVFormat, kv_format
 
 QUANT_MODES = ("fp32", "fp16", "int8", "int4", "keep")  # keep: a GGUF's own blocks (gguf_blocks.py)
 # How int8 MatMuls run. "blockwise": MatMulNBits, blocks of --block-size, int8 activations per block.
@@ -48,6 +49,7 @@ class QuantConfig:
     quantize_embedding: bool = True  # int4 only: GatherBlockQuantized
     int8_kernel: str = "blockwise"  # int8 only; see INT8_KERNELS
     int4_algo: str = AUTO  # int4 (and keep's fallback) only; see int4.py; the pipeline resolves "auto"
+    kv_cache: str = "auto"  # the KV cache's element type (kv_cache.py); auto: the activations' float type
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -66,6 +68,9 @@ class QuantConfig:
             raise EdgekitError(f"--int4-algo {self.int4_algo}: choose one of {', '.join(INT4_ALGOS)}")
         if self.int4_algo == "q4_1" and (self.block_size != 32 or self.symmetric):
             raise EdgekitError("--int4-algo q4_1 has blocks of 32 with a float minimum: no --block-size or --symmetric")
+        if self.kv_cache not in KV_CACHES:
+            raise EdgekitError(f"--kv-cache {self.kv_cache}: choose one of {', '.join(KV_CACHES)}")
+        self.kv_format()  # refuses a float cache of the other type than the activations
         if self.int4_algo in ("kquant", "hqq") and self.symmetric:
             raise EdgekitError(f"--int4-algo {self.int4_algo} fits a zero point per block: not with --symmetric")
 
@@ -77,6 +82,9 @@ class QuantConfig:
     @property
     def keeps_gguf_blocks(self) -> bool:
         return self.mode == "keep"
+
+    def kv_format(self, flavour: str = "fused") -> KVFormat:
+        return kv_format(self.kv_cache, self.mode, flavour)
 
     @property
     def float_dtype(self) -> np.dtype:
@@ -98,6 +106,7 @@ class QuantConfig:
     def to_manifest(self) -> dict:
         d = asdict(self)
         d["bits"] = self.bits
+        d["kv_cache"] = self.kv_format().name
         d["embedding"] = f"int4 block {self.block_size}" if self.embedding_quantized else str(self.float_dtype)
         d["lm_head"] = f"int{self.bits_for('lm_head')}" if self.bits_for("lm_head") else str(self.float_dtype)
         d["quantizer"] = "onnxruntime DefaultWeightOnlyQuantizer (MatMulNBits / GatherBlockQuantized)"

@@ -12,7 +12,13 @@ import onnxruntime as ort
 
 from edgekit.errors import EdgekitError
 
-_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# int8 / int4 (two values per uint8): a quantized cache (export/kv_cache.py); the graph holds its scales
+KV_NP_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+}
 CAPACITY_STEP = 256  # grow the KV buffers in these steps, so similar calls reuse them
 _KEEP_LAST, _KEEP_ALL = np.array([1], np.int64), np.array([0], np.int64)  # `logits_to_keep` values
 _DEVICE_BUFFERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
@@ -32,7 +38,7 @@ class KVEngine:
         if self.past_names:
             first = ins[self.past_names[0]]
             self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
-            self.kv_dtype = _NP_DTYPES[first.type]
+            self.kv_dtype = KV_NP_DTYPES[first.type]
         else:  # every layer's attention removed: no cache at all
             self.kv_heads, self.head_dim, self.kv_dtype = 0, 0, np.float32
         self.vocab = int(session.get_outputs()[0].shape[-1])

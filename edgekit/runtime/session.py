@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+from edgekit.runtime.kv_engine import KV_NP_DTYPES
 
 
 @dataclass
@@ -41,7 +41,7 @@ class DecoderSession:
         if self.past_names:
             first = ins[self.past_names[0]]
             self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
-            self.kv_dtype = _NP_DTYPES[first.type]
+            self.kv_dtype = KV_NP_DTYPES[first.type]
         else:
             self.kv_heads, self.head_dim, self.kv_dtype = 0, 0, np.float32
 

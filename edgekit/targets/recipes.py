@@ -16,6 +16,7 @@ from typing import Any
 from edgekit import DATA_DIR
 from edgekit.errors import EdgekitError
 from edgekit.export.graph import FLAVOURS
+from edgekit.export.kv_cache import KV_CACHES
 from edgekit.export.quantize import QUANT_MODES
 
 RECIPES_DIR = DATA_DIR / "recipes"
@@ -157,6 +158,7 @@ SCHEMA: dict[str, dict[str, tuple[bool, Any]]] = {
         "accuracy_level": (False, _int(0, 4)),
         "symmetric": (False, _bool),
         "lm_head_bits": (False, lambda v: None if v in (4, 8, 32) else "must be 4, 8 or 32"),
+        "kv_cache": (False, _choice(KV_CACHES)),
         "max_context": (True, _int(2, 1 << 20)),
     },
     "runtime": {
@@ -193,6 +195,7 @@ class Recipe:
     accuracy_level: int | None = None
     symmetric: bool | None = None
     lm_head_bits: int | None = None
+    kv_cache: str | None = None
     fixed_shapes: dict[str, int] | None = None
     source: Path | None = field(default=None, compare=False)
 
@@ -252,6 +255,8 @@ def _validate(data: Any, where: str) -> dict[str, Any]:
         raise EdgekitError(f"{where}: device.reserved_gb: must be less than device.memory_gb")
     if flat["flavour"] == "standard" and flat["quant"] == "int4":
         raise EdgekitError(f"{where}: export.quant: the standard graph has no int4 path (mobile EPs lack one)")
+    if flat["flavour"] == "standard" and flat.get("kv_cache") in ("int8", "int4"):
+        raise EdgekitError(f"{where}: export.kv_cache: the standard graph has no quantized KV cache")
     return flat
 
 
@@ -306,7 +311,16 @@ def get_recipe(name_or_path: str) -> Recipe:
 
 
 # What a recipe may set on `edgekit export`; an option given on the command line always wins.
-RECIPE_OPTIONS = ("skip", "quant", "flavour", "block_size", "accuracy_level", "symmetric", "lm_head_bits")
+RECIPE_OPTIONS = (
+    "skip",
+    "quant",
+    "flavour",
+    "block_size",
+    "accuracy_level",
+    "symmetric",
+    "lm_head_bits",
+    "kv_cache",
+)
 
 
 def resolve_options(recipe: Recipe | None, explicit: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

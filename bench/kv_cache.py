@@ -1,0 +1,188 @@
+"""The KV cache table: --kv-cache fp32 vs int8 vs int4, bytes, decode speed at long contexts, perplexity.
+
+    python bench/kv_cache.py --model smollm2                 # real SmolLM2-135M, int4 weights (default algo)
+    python bench/kv_cache.py --model llama2-7b --rounds 2    # Llama-2-7B-shaped random GGUF, skip 8 (speed only)
+    python bench/kv_cache.py --model smollm2 --report        # markdown from bench/work/kv_cache.jsonl
+
+Per cache type, one bundle (same weights, same skip set; only --kv-cache differs), exported once into
+bench/work/kv_cache/. Then, with 2 threads and the rounds interleaved over the bundles, edgekit's runtime
+(KVEngine: the IO-bound shared buffer) decodes 16 tokens after a cache holding N positions, N in --contexts.
+SmolLM2's cache is filled by a real prefill of WikiText-2 text (its time is the prefill rate); the 7B
+shape's would take minutes per prefill on 2 cores, so its engine is set to N positions of a zero-filled
+cache: decode reads the same bytes whatever they hold, so the speed is the same (values don't matter for
+speed; quality is measured on SmolLM2). Quality: perplexity on held-out WikiText-2 (first half of valid;
+the scales are calibrated on the shipped excerpt of the second half) and mean KL against the float cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int4_table import _held_out_wiki
+from peak_rss import run
+
+from edgekit.checkpoint.fetch import SMOLLM2, fetch
+from edgekit.quality.evaluate import EvalRequest, evaluate
+from edgekit.runtime.kv_engine import KVEngine
+from edgekit.runtime.providers import RuntimeOptions, create_session
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "work"
+ROWS = WORK / "kv_cache.jsonl"
+GGUF_7B = WORK / "gguf-llama2-7b-q4_0.gguf"  # bench/gguf_7b.py --no-export writes it
+MODELS = {
+    # int4 weights as each model exports by default; the 7B shape with rtn and no verification (random
+    # weights: only speed is measured there, and hqq's rounding would add ~25 minutes per export)
+    "smollm2": ["--quant", "int4"],
+    "llama2-7b": ["--quant", "int4", "--skip", "8", "--int4-algo", "rtn", "--no-verify", "--max-memory", "8GB"],
+}
+DECODE_STEPS = 16
+
+
+def _source(model: str) -> str:
+    if model == "smollm2":
+        return str(fetch(SMOLLM2))
+    if not GGUF_7B.is_file():
+        raise SystemExit(f"{GGUF_7B} is missing: run `python bench/gguf_7b.py --no-export` first")
+    return str(GGUF_7B)
+
+
+def _bundle(model: str, kv: str) -> Path:
+    out = WORK / "kv_cache" / f"{model}-{kv}"
+    if (out / "edgekit.json").is_file():
+        return out
+    edgekit = str(Path(sys.executable).with_name("edgekit"))
+    res = run([edgekit, "export", _source(model), *MODELS[model], "--kv-cache", kv, "-o", str(out), "--force"])
+    if res["returncode"] != 0:
+        raise SystemExit(f"export {out.name} failed")
+    _append({"kind": "export", "model": model, "kv": kv, **{k: res[k] for k in ("wall_s", "peak_rss_bytes")}})
+    return out
+
+
+def _append(row: dict) -> None:
+    with ROWS.open("a") as f:
+        f.write(json.dumps(row | {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+
+
+def _prompt_ids(bundle: Path, n: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(_held_out_wiki().read_text()).ids
+    return ids[:n]
+
+
+def _decode(bundle: Path, contexts: list[int], real_fill: bool) -> dict[int, dict]:
+    session, _ = create_session(bundle / "model.onnx", RuntimeOptions(threads=2))
+    engine = KVEngine(session, capacity=max(contexts) + DECODE_STEPS + 8)
+    out = {}
+    for n in contexts:
+        engine.reset()
+        prefill_s = None
+        if real_fill:
+            ids = _prompt_ids(bundle, n)
+            t = time.perf_counter()
+            logits = engine.forward(ids, all_logits=False)
+            prefill_s = time.perf_counter() - t
+            token = int(logits[-1].argmax())
+        else:  # a zero-filled cache of n positions: the bytes decode reads, not their values, set its speed
+            engine.forward([1])
+            engine.length = n
+            token = 1
+        steps = []
+        for _ in range(DECODE_STEPS):
+            t = time.perf_counter()
+            token = int(engine.forward([token])[0].argmax())
+            steps.append(time.perf_counter() - t)
+        out[n] = {"decode_ms": 1000 * statistics.median(steps), "prefill_s": prefill_s}
+    out_bytes = engine.kv_bytes
+    del engine, session
+    return out | {"kv_buffer_bytes": out_bytes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--kv", default="auto,int8,int4", help="--kv-cache values (auto: fp32)")
+    ap.add_argument("--contexts", default="1024,4096")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=4096, help="WikiText-2 tokens scored (SmolLM2)")
+    ap.add_argument("--report", action="store_true")
+    a = ap.parse_args()
+    if a.report:
+        report(a.model)
+        return
+    kvs, contexts = a.kv.split(","), [int(c) for c in a.contexts.split(",")]
+    bundles = {kv: _bundle(a.model, kv) for kv in kvs}
+    real = a.model == "smollm2"
+    if real:
+        reference = bundles[kvs[0]]
+        for kv, b in bundles.items():
+            r = evaluate(
+                EvalRequest(
+                    target=str(b),
+                    text=_held_out_wiki(),
+                    separator=None,
+                    max_tokens=a.tokens,
+                    threads=2,
+                    reference=None if b == reference else str(reference),
+                )
+            )
+            row = {"kind": "quality", "model": a.model, "kv": kv, "wikitext": round(r.perplexity.perplexity, 3)}
+            if r.agreement:
+                row |= {"kl": round(r.agreement.mean_kl, 4), "top1": round(r.agreement.top1_agreement, 4)}
+            _append(row)
+            print(row, flush=True)
+    for rnd in range(a.rounds):
+        for kv, b in bundles.items():
+            res = _decode(b, contexts, real)
+            per_token = json.loads((b / "edgekit.json").read_text())["graph"]["kv_bytes_per_token"]
+            for n in contexts:
+                row = {"kind": "decode", "model": a.model, "kv": kv, "round": rnd, "context": n, **res[n]}
+                _append(row | {"kv_bytes_per_token": per_token, "kv_buffer_bytes": res["kv_buffer_bytes"]})
+                print(row, flush=True)
+    report(a.model)
+
+
+def report(model: str) -> None:
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines()] if ROWS.is_file() else []
+    rows = [r for r in rows if r["model"] == model]
+    quality = {r["kv"]: r for r in rows if r["kind"] == "quality"}
+    decode: dict[tuple[str, int], list[float]] = {}
+    per_token: dict[str, int] = {}
+    for r in rows:
+        if r["kind"] == "decode":
+            decode.setdefault((r["kv"], r["context"]), []).append(r["decode_ms"])
+            per_token[r["kv"]] = r["kv_bytes_per_token"]
+    contexts = sorted({c for _, c in decode})
+    kvs = list(dict.fromkeys(k for k, _ in decode))
+    if not kvs:
+        print("nothing measured yet")
+        return
+    base = kvs[0]
+    head = ["KV cache", "bytes/token", *[f"decode ms/token at {c} (vs {base})" for c in contexts]]
+    if quality:
+        head += ["WikiText-2 ppl", "KL vs float cache"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for kv in kvs:
+        cells = [
+            kv if kv != "auto" else "fp32 (auto)",
+            f"{per_token[kv]:,} ({per_token[base] / per_token[kv]:.1f}x less)",
+        ]
+        for c in contexts:
+            ms = statistics.median(decode[kv, c])
+            cells.append(f"{ms:.2f} ({ms / statistics.median(decode[base, c]):.2f}x)")
+        if quality:
+            q = quality.get(kv, {})
+            w, w0 = q.get("wikitext"), quality.get(base, {}).get("wikitext")
+            cells += [f"{w:.2f} ({w / w0 - 1:+.1%})" if w and w0 else "–", f"{q['kl']:.4f}" if "kl" in q else "–"]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
