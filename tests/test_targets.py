@@ -89,6 +89,16 @@ GOOD = (RECIPES_DIR / "raspberry-pi-5.yaml").read_text()
         (lambda t: t.replace("  cores: 4\n", ""), "device.cores", "required key is missing"),
         (lambda t: t.replace("  flavour: fused", "  flavour: standard"), "export.quant", "no int4 path"),
         (lambda t: t.replace("    - name: CPUExecutionProvider", "    - name: cpu"), "runtime.providers", "provider"),
+        (lambda t: t.replace("  lm_head_bits: 8", "  lm_head_bits: 8\n  kv_cache: int2"), "export.kv_cache", "one of"),
+        (
+            lambda t: (
+                t.replace("  flavour: fused", "  flavour: standard")
+                .replace("  quant: int4", "  quant: int8")
+                .replace("  lm_head_bits: 8", "  lm_head_bits: 8\n  kv_cache: int8")
+            ),
+            "export.kv_cache",
+            "no quantized KV cache",
+        ),
     ],
 )
 def test_broken_recipe_error_names_file_and_key(tmp_path, edit, key, why):
@@ -99,6 +109,29 @@ def test_broken_recipe_error_names_file_and_key(tmp_path, edit, key, why):
     msg = str(err.value)
     assert msg.startswith(f"{path}: {key}:"), msg
     assert why in msg
+
+
+def test_a_recipes_kv_cache_reaches_the_bundle_and_the_command_line_beats_it(tmp_path, capsys):
+    path = tmp_path / "board.yaml"
+    path.write_text(GOOD.replace("  lm_head_bits: 8", "  lm_head_bits: 8\n  kv_cache: int8"))
+    code, out, err = _cli(capsys, "export", "stories260k", "--recipe", str(path), "-o", str(tmp_path / "a"), "--json")
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["graph"]["kv_dtype"] == "int8" and m["memory"]["kv_cache_bytes"] == 2 * 5 * 4 * 16 * 512
+    code, out, err = _cli(
+        capsys,
+        "export",
+        "stories260k",
+        "--recipe",
+        str(path),
+        "--kv-cache",
+        "auto",
+        "-o",
+        str(tmp_path / "b"),
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["graph"]["kv_dtype"] == "float32"
 
 
 def test_recipe_lookup_refuses_path_like_names():
