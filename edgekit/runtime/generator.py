@@ -40,7 +40,7 @@ import numpy as np
 from edgekit.bundle.folder import Bundle, open_bundle
 from edgekit.errors import EdgekitError
 from edgekit.runtime.kv_engine import CAPACITY_STEP, KVEngine
-from edgekit.runtime.providers import RuntimeOptions, create_session
+from edgekit.runtime.providers import RuntimeOptions, create_session, with_recipe_options
 from edgekit.runtime.sampling import GenerationConfig, Sampler
 
 if TYPE_CHECKING:  # chat.py needs jinja2, imported only when a chat is run
@@ -128,7 +128,7 @@ class Generator:
         arch = self.bundle.manifest["architecture"]
         self.max_context = int(arch["max_context"])
         self.eos_ids = frozenset(arch.get("eos_token_ids") or ())
-        self.options = options or RuntimeOptions()
+        self.options = with_recipe_options(options or RuntimeOptions(), self.bundle.manifest)
         start = time.perf_counter()
         self.session, self.placement = create_session(self.bundle.model_file, self.options)
         self.load_s = time.perf_counter() - start

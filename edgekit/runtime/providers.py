@@ -1,15 +1,21 @@
 """Execution providers: short names → onnxruntime providers with useful options, threads, placement.
 
 A provider missing from the installed onnxruntime is a one-line error that names the providers present
-and the package or build that brings the missing one. After a session is made, `Placement` says how
+and the package or build that brings the missing one. Some providers now ship as onnxruntime *plugin* EPs
+(onnxruntime >= 1.24): a separate package holds the provider's shared library, which is registered with
+`ort.register_execution_provider_library` and then chosen by device (`SessionOptions.add_provider_for_devices`)
+rather than by name; `onnxruntime-qnn` (the Qualcomm NPU, with an x86-64 HTP simulator on Linux) is one.
+Where the built-in provider is absent and the plugin package is installed, edgekit registers the plugin.
+After a session is made, `Placement` says how
 many graph nodes each provider took (onnxruntime ≥ 1.23 records it on request): a model split across a
 mobile provider and the CPU is the classic cause of slow phones, so it is shown, not hidden.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +27,18 @@ CPU = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
+class PluginEP:
+    """A provider onnxruntime loads from another package's shared library."""
+
+    package: str  # its import name; the module has get_library_path()
+    ep_name: str  # the name it registers under and its devices report
+
+
+@dataclass(frozen=True)
 class ProviderInfo:
     ort_name: str
     brings_it: str  # which package or build has this provider
+    plugin: PluginEP | None = None  # where the provider also comes as a plugin EP
 
 
 PROVIDERS: dict[str, ProviderInfo] = {
@@ -35,7 +50,10 @@ PROVIDERS: dict[str, ProviderInfo] = {
     "nnapi": ProviderInfo("NnapiExecutionProvider", "the Android package onnxruntime-android (AAR)"),
     "coreml": ProviderInfo("CoreMLExecutionProvider", "the macOS/iOS onnxruntime packages (pip onnxruntime on macOS)"),
     "qnn": ProviderInfo(
-        "QNNExecutionProvider", "pip onnxruntime-qnn (Windows on Snapdragon) or onnxruntime-android-qnn (AAR)"
+        "QNNExecutionProvider",
+        "pip onnxruntime-qnn (a plugin EP: the HTP simulator on Linux x86-64, the NPU on Windows on Snapdragon) "
+        "or onnxruntime-android-qnn (AAR)",
+        plugin=PluginEP("onnxruntime_qnn", "QNN"),
     ),
     "cuda": ProviderInfo("CUDAExecutionProvider", "pip onnxruntime-gpu (with CUDA 12 and cuDNN 9 installed)"),
     "tensorrt": ProviderInfo("TensorrtExecutionProvider", "pip onnxruntime-gpu plus NVIDIA TensorRT"),
@@ -82,7 +100,7 @@ class Placement:
         return 0 if self.requested == CPU else self.on_cpu
 
     def summary(self) -> str:
-        parts = ", ".join(f"{_short(ep)} {n}" for ep, n in sorted(self.nodes.items(), key=lambda kv: -kv[1]))
+        parts = ", ".join(f"{short_name(ep)} {n}" for ep, n in sorted(self.nodes.items(), key=lambda kv: -kv[1]))
         text = f"{self.total} nodes: {parts}"
         if self.fallback:
             text += f" ({self.fallback} fell back to CPU)"
@@ -92,9 +110,31 @@ class Placement:
         return {"requested": self.requested, "nodes": self.nodes, "total": self.total, "cpu_fallback": self.fallback}
 
 
-def _short(ort_name: str) -> str:
+_REGISTERED: set[str] = set()  # plugin EPs registered in this process (registering twice is an error)
+
+
+def plugin_devices(info: ProviderInfo) -> list[Any]:
+    """The devices of `info`'s plugin EP, registering it first; [] where there is no plugin package."""
+    if info.plugin is None:
+        return []
+    try:
+        module = importlib.import_module(info.plugin.package)
+    except ImportError:
+        return []
+    name = info.plugin.ep_name
+    if name not in _REGISTERED:
+        try:
+            ort.register_execution_provider_library(name, module.get_library_path())
+        except Exception as e:  # onnxruntime raises its own types for a library it cannot load
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EdgekitError(f"could not register {info.plugin.package}'s execution provider: {first}") from e
+        _REGISTERED.add(name)
+    return [d for d in ort.get_ep_devices() if d.ep_name == name]
+
+
+def short_name(ort_name: str) -> str:
     for key, info in PROVIDERS.items():
-        if info.ort_name == ort_name:
+        if ort_name in (info.ort_name, info.plugin.ep_name if info.plugin else None):
             return key
     return ort_name.removesuffix("ExecutionProvider")
 
@@ -106,8 +146,8 @@ def resolve(name: str) -> ProviderInfo:
     if info is None:
         raise EdgekitError(f"unknown provider '{name}'; choose one of {', '.join(PROVIDERS)}")
     available = ort.get_available_providers()
-    if info.ort_name not in available:
-        present = ", ".join(_short(p) for p in available)
+    if info.ort_name not in available and not plugin_devices(info):
+        present = ", ".join(short_name(p) for p in available)
         raise EdgekitError(
             f"provider '{key}' ({info.ort_name}) is not in this onnxruntime {ort.__version__} "
             f"(it has: {present}); it comes with {info.brings_it}"
@@ -124,13 +164,23 @@ def _provider_options(key: str, opts: RuntimeOptions) -> dict[str, str]:
     elif key == "coreml":
         base.update({"ModelFormat": "MLProgram", "MLComputeUnits": "ALL"})
     elif key == "qnn":
-        base["backend_path"] = "QnnHtp.dll" if os.name == "nt" else "libQnnHtp.so"
+        base["backend_path"] = _qnn_htp_backend()
         base["htp_performance_mode"] = "burst"
     elif key == "openvino":
         base["device_type"] = "CPU"
         if opts.threads:
             base["num_of_threads"] = str(opts.threads)
     return {**base, **opts.provider_options}
+
+
+def _qnn_htp_backend() -> str:
+    """The HTP backend library: the plugin package's own copy (full path) where installed."""
+    try:
+        import onnxruntime_qnn
+
+        return str(onnxruntime_qnn.get_qnn_htp_path())
+    except (ImportError, AttributeError):
+        return "QnnHtp.dll" if os.name == "nt" else "libQnnHtp.so"
 
 
 def session_options(opts: RuntimeOptions, key: str) -> ort.SessionOptions:
@@ -170,16 +220,30 @@ def check_affinity(spec: str, threads: int | None) -> None:
                 raise EdgekitError(f"--affinity '{spec}': '{part}' is not a processor 1-{cpus} or a range of them")
 
 
+def with_recipe_options(opts: RuntimeOptions, manifest: dict[str, Any]) -> RuntimeOptions:
+    """The options the bundle's recipe gives its provider (e.g. QNN's soc_model), under the user's own."""
+    key = opts.provider.lower().removesuffix("executionprovider")
+    for p in (manifest.get("target") or {}).get("providers", []):
+        if short_name(p["name"]) == key and p.get("options"):
+            return replace(opts, provider_options={**p["options"], **opts.provider_options})
+    return opts
+
+
 def create_session(model_path: Path | str, opts: RuntimeOptions) -> tuple[ort.InferenceSession, Placement]:
     """An InferenceSession on the chosen provider (CPU as fallback for what it cannot take)."""
     info = resolve(opts.provider)
-    key = _short(info.ort_name)
+    key = short_name(info.ort_name)
     providers: list[Any] = [(info.ort_name, _provider_options(key, opts))]
     if info.ort_name != CPU:
         providers.append(CPU)
     so = session_options(opts, key)
+    devices = plugin_devices(info) if info.ort_name not in ort.get_available_providers() else []
     try:
-        session = ort.InferenceSession(str(model_path), so, providers=providers)
+        if devices:  # a plugin EP is chosen by device; onnxruntime adds the CPU provider behind it
+            so.add_provider_for_devices(devices, _provider_options(key, opts))
+            session = ort.InferenceSession(str(model_path), so)
+        else:
+            session = ort.InferenceSession(str(model_path), so, providers=providers)
     except Exception as e:  # onnxruntime raises its own types for a bad model or a refused partition
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgekitError(f"onnxruntime could not load {model_path} on {key}: {first}") from e
@@ -197,5 +261,7 @@ def placement(session: ort.InferenceSession, requested: str) -> Placement:
 
 
 def available() -> list[str]:
-    """Short names of the providers this onnxruntime has."""
-    return [_short(p) for p in ort.get_available_providers()]
+    """Short names of the providers this onnxruntime has, plugin EPs whose package is installed included."""
+    built_in = [short_name(p) for p in ort.get_available_providers()]
+    plugins = [k for k, info in PROVIDERS.items() if k not in built_in and info.plugin and plugin_devices(info)]
+    return built_in + plugins
