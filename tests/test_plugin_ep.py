@@ -10,7 +10,9 @@ import pytest
 
 from edgekit.export.pipeline import ExportRequest, export
 from edgekit.export.quantize import QuantConfig
+from edgekit.runtime.fixed_engine import FixedEngine
 from edgekit.runtime.generator import Generator
+from edgekit.runtime.kv_engine import KVEngine
 from edgekit.runtime.providers import RuntimeOptions, available, create_session, resolve, short_name
 from edgekit.runtime.sampling import GenerationConfig
 from edgekit.runtime.session import DecoderSession
@@ -52,16 +54,32 @@ def test_the_fixed_graphs_run_whole_on_the_htp_simulator_and_agree_with_the_cpu(
     assert 0 < _on_qnn(placement) < placement.total
 
 
-def test_run_takes_the_recipes_provider_options_and_generates_the_cpu_tokens(npu_bundle):
-    prompt = [1, 403, 407, 261, 378]
+def test_on_qnn_the_runtime_drives_the_fixed_graphs_whole_and_generates_the_cpu_tokens(npu_bundle):
+    """32 greedy tokens of stories260K on the HTP simulator (fixed prefill/decode, FixedEngine) against
+    the dynamic graph on the CPU, and the same pair on the CPU (the window loop itself)."""
+    prompt = [1, 403, 407, 261, 378, 308, 260, 403, 429, 414]
     gen = Generator(npu_bundle, RuntimeOptions(provider="qnn"))
     assert gen.options.provider_options["soc_model"] == "60"  # from the bundle's recipe
-    assert _on_qnn(gen.placement) > 0
-    ours = gen.generate(prompt, _greedy(16)).token_ids
-    cpu = Generator(npu_bundle).generate(prompt, _greedy(16)).token_ids
-    assert ours == cpu and len(ours) == 16
-    logits = DecoderSession(npu_bundle / "model.onnx").logits(prompt)
-    assert np.isfinite(logits).all()
+    assert isinstance(gen.engine, FixedEngine)
+    assert _on_qnn(gen.placement) == gen.placement.total == 2 * 363, gen.placement.nodes  # prefill + decode
+    ours = gen.generate(prompt, _greedy(32)).token_ids
+    cpu = Generator(npu_bundle).generate(prompt, _greedy(32)).token_ids
+    assert isinstance(Generator(npu_bundle).engine, KVEngine)
+    assert ours == cpu and len(ours) == 32
+
+
+def test_the_fixed_window_engine_matches_one_prefill_of_the_dynamic_graph(npu_bundle):
+    """Chunks of P through fixed/prefill.onnx, then single tokens through fixed/decode.onnx, on the CPU: the
+    same logits as the dynamic graph's one prefill, and a rewind (chat's truncate) re-feeds correctly."""
+    fixed = {g: create_session(npu_bundle / "fixed" / f"{g}.onnx", RuntimeOptions())[0] for g in ("prefill", "decode")}
+    engine = FixedEngine(fixed["prefill"], fixed["decode"])
+    ids = [1, *range(300, 380)]  # 81 tokens: two prefill chunks of 64, the second padded
+    whole = DecoderSession(npu_bundle / "model.onnx").logits(ids)
+    got = np.concatenate([engine.forward(ids[:70]), *(engine.forward([t]) for t in ids[70:])])
+    np.testing.assert_allclose(got, whole, atol=5e-2)  # fp16 graph
+    engine.truncate(40)
+    assert engine.length == 40
+    np.testing.assert_allclose(engine.forward(ids[40:45]), whole[40:45], atol=5e-2)
 
 
 def _greedy(n: int) -> GenerationConfig:

@@ -39,8 +39,16 @@ import numpy as np
 
 from edgekit.bundle.folder import Bundle, open_bundle
 from edgekit.errors import EdgekitError
+from edgekit.runtime.fixed_engine import FixedEngine
 from edgekit.runtime.kv_engine import CAPACITY_STEP, KVEngine
-from edgekit.runtime.providers import RuntimeOptions, create_session, with_recipe_options
+from edgekit.runtime.providers import (
+    STATIC_SHAPE_PROVIDERS,
+    RuntimeOptions,
+    create_session,
+    resolve,
+    short_name,
+    with_recipe_options,
+)
 from edgekit.runtime.sampling import GenerationConfig, Sampler
 
 if TYPE_CHECKING:  # chat.py needs jinja2, imported only when a chat is run
@@ -130,7 +138,18 @@ class Generator:
         self.eos_ids = frozenset(arch.get("eos_token_ids") or ())
         self.options = with_recipe_options(options or RuntimeOptions(), self.bundle.manifest)
         start = time.perf_counter()
-        self.session, self.placement = create_session(self.bundle.model_file, self.options)
+        fixed = (self.bundle.manifest.get("fixed_shapes") or {}).get("files")
+        if fixed and short_name(resolve(self.options.provider).ort_name) in STATIC_SHAPE_PROVIDERS:
+            # the provider compiles static shapes: the fixed prefill/decode pair (placement: both graphs)
+            prefill, on_prefill = create_session(self.bundle.path / fixed["prefill"], self.options)
+            self.session, self.placement = create_session(self.bundle.path / fixed["decode"], self.options)
+            for ep, n in on_prefill.nodes.items():
+                self.placement.nodes[ep] = self.placement.nodes.get(ep, 0) + n
+            self.engine: KVEngine | FixedEngine = FixedEngine(prefill, self.session)
+            self.max_context = min(self.max_context, self.engine.capacity)
+        else:
+            self.session, self.placement = create_session(self.bundle.model_file, self.options)
+            self.engine = KVEngine(self.session, 0, shared=self.bundle.manifest["graph"].get("flavour") != "standard")
         self.load_s = time.perf_counter() - start
         tok_file = self.bundle.path / "tokenizer.json"
         if not tok_file.is_file():
@@ -138,8 +157,7 @@ class Generator:
         self.tokenizer = Tokenizer.from_file(str(tok_file))
         if kv_capacity is not None and not 1 <= kv_capacity <= self.max_context:
             raise EdgekitError(f"kv_capacity {kv_capacity}: must be between 1 and the context {self.max_context}")
-        shared = self.bundle.manifest["graph"].get("flavour", "fused") != "standard"
-        self.engine = KVEngine(self.session, kv_capacity or 0, shared=shared)
+        self.engine.reserve(kv_capacity or 0)
         self.last: Generation | None = None
         self._cached: list[int] = []  # the ids in the KV cache, in order (engine.length of them)
         self._template: ChatTemplate | None = None

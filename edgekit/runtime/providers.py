@@ -110,6 +110,9 @@ class Placement:
         return {"requested": self.requested, "nodes": self.nodes, "total": self.total, "cpu_fallback": self.fallback}
 
 
+# Providers that compile static shapes: a bundle's fixed-shape graphs, where it has them, run on these
+# (runtime/fixed_engine.py); the dynamic graph would leave most of its nodes to the CPU.
+STATIC_SHAPE_PROVIDERS = ("qnn", "nnapi", "coreml")
 _REGISTERED: set[str] = set()  # plugin EPs registered in this process (registering twice is an error)
 
 
