@@ -173,7 +173,13 @@ def _provider_options(key: str, opts: RuntimeOptions) -> dict[str, str]:
         base["device_type"] = "CPU"
         if opts.threads:
             base["num_of_threads"] = str(opts.threads)
-    return {**base, **opts.provider_options}
+    out = {**base, **opts.provider_options}
+    if key == "qnn" and "/" not in out["backend_path"] and "\\" not in out["backend_path"]:
+        # a bare library name (older qnn recipes wrote libQnnHtp.so): the plugin package's copy, if it has it
+        own = Path(base["backend_path"])
+        if own.name == out["backend_path"] and own.is_file():
+            out["backend_path"] = str(own)
+    return out
 
 
 def _qnn_htp_backend() -> str:
