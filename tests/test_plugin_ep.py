@@ -52,6 +52,8 @@ def test_the_fixed_graphs_run_whole_on_the_htp_simulator_and_agree_with_the_cpu(
     # the dynamic graph: QNN takes a few nodes, the CPU the rest (what the fixed-window loop is for)
     _, placement = create_session(npu_bundle / "model.onnx", RuntimeOptions(provider="qnn"))
     assert 0 < _on_qnn(placement) < placement.total
+    assert sum(placement.cpu_ops.values()) == placement.fallback and placement.cpu_ops["MatMul"] > 10
+    assert "fell back to CPU: " in placement.summary() and "MatMul" in placement.summary()
 
 
 def test_on_qnn_the_runtime_drives_the_fixed_graphs_whole_and_generates_the_cpu_tokens(npu_bundle):

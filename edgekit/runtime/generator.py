@@ -143,8 +143,12 @@ class Generator:
             # the provider compiles static shapes: the fixed prefill/decode pair (placement: both graphs)
             prefill, on_prefill = create_session(self.bundle.path / fixed["prefill"], self.options)
             self.session, self.placement = create_session(self.bundle.path / fixed["decode"], self.options)
-            for ep, n in on_prefill.nodes.items():
-                self.placement.nodes[ep] = self.placement.nodes.get(ep, 0) + n
+            for ours, theirs in (
+                (self.placement.nodes, on_prefill.nodes),
+                (self.placement.cpu_ops, on_prefill.cpu_ops),
+            ):
+                for key, n in theirs.items():
+                    ours[key] = ours.get(key, 0) + n
             self.engine: KVEngine | FixedEngine = FixedEngine(prefill, self.session)
             self.max_context = min(self.max_context, self.engine.capacity)
         else:

@@ -85,6 +85,7 @@ class Placement:
 
     requested: str
     nodes: dict[str, int]
+    cpu_ops: dict[str, int] = field(default_factory=dict)  # op type → nodes of it the CPU took
 
     @property
     def total(self) -> int:
@@ -103,11 +104,19 @@ class Placement:
         parts = ", ".join(f"{short_name(ep)} {n}" for ep, n in sorted(self.nodes.items(), key=lambda kv: -kv[1]))
         text = f"{self.total} nodes: {parts}"
         if self.fallback:
-            text += f" ({self.fallback} fell back to CPU)"
+            ops = sorted(self.cpu_ops.items(), key=lambda kv: -kv[1])
+            listed = ", ".join(f"{op} {n}" for op, n in ops[:6]) + (", …" if len(ops) > 6 else "")
+            text += f" ({self.fallback} fell back to CPU: {listed})" if ops else f" ({self.fallback} fell back to CPU)"
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"requested": self.requested, "nodes": self.nodes, "total": self.total, "cpu_fallback": self.fallback}
+        return {
+            "requested": self.requested,
+            "nodes": self.nodes,
+            "total": self.total,
+            "cpu_fallback": self.fallback,
+            "cpu_fallback_ops": self.cpu_ops if self.fallback else {},
+        }
 
 
 # Providers that compile static shapes: a bundle's fixed-shape graphs, where it has them, run on these
@@ -261,12 +270,17 @@ def create_session(model_path: Path | str, opts: RuntimeOptions) -> tuple[ort.In
 
 def placement(session: ort.InferenceSession, requested: str) -> Placement:
     nodes: dict[str, int] = {}
+    cpu_ops: dict[str, int] = {}
     try:
         for sub in session.get_provider_graph_assignment_info():
-            nodes[sub.ep_name] = nodes.get(sub.ep_name, 0) + len(sub.get_nodes())
+            assigned = sub.get_nodes()
+            nodes[sub.ep_name] = nodes.get(sub.ep_name, 0) + len(assigned)
+            if sub.ep_name == CPU:
+                for node in assigned:
+                    cpu_ops[node.op_type] = cpu_ops.get(node.op_type, 0) + 1
     except (AttributeError, RuntimeError):  # onnxruntime < 1.23 has no assignment record
         pass
-    return Placement(requested, nodes)
+    return Placement(requested, nodes, cpu_ops)
 
 
 def available() -> list[str]:
