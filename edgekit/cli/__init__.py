@@ -1,7 +1,7 @@
 """The `edgekit` command line: parses options, calls the library, prints. No logic of its own.
 
 Every failure the user can cause ends as one line on stderr and a non-zero exit: `EdgekitError` and
-click's usage errors alike. Commands register themselves in COMMANDS (one module per command).
+click's usage errors alike. COMMANDS maps each command to its module (one per command), imported on use.
 
 May import: every other subpackage (it is the top layer).
 """
@@ -27,7 +27,54 @@ def _on_sigterm(signum: int, frame: object) -> NoReturn:
     raise Terminated()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Each command's module, imported when the command runs (or its help is shown): `edgekit run` on a board
+# installed without the export extra (torch, transformers, onnx) must not import the export pipeline.
+COMMANDS = {
+    "export": "export_cmd",
+    "inspect": "inspect_cmd",
+    "models": "models_cmd",
+    "run": "run_cmd",
+    "chat": "chat_cmd",
+    "profile": "profile_cmd",
+    "analyze": "analyze_cmd",
+    "sweep": "sweep_cmd",
+    "verify": "verify_cmd",
+    "eval": "eval_cmd",
+    "recipes": "recipes_cmd",
+}
+EXPORT_EXTRA = "pip install 'edgekit[export]'"
+
+
+def _missing(name: str, package: str) -> click.Command:
+    """A stand-in for a command whose dependencies are not installed: says which, and how to get them."""
+
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command() -> None:
+        raise EdgekitError(f"edgekit {name} needs {package}, which is not installed here: {EXPORT_EXTRA}")
+
+    command.short_help = f"(needs {package}: {EXPORT_EXTRA})"
+    return command
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        import importlib
+
+        try:
+            module = importlib.import_module(f"edgekit.cli.{COMMANDS[name]}")
+        except ModuleNotFoundError as e:  # a device install: the runtime only
+            if (e.name or "edgekit").split(".")[0] == "edgekit":
+                raise
+            return _missing(name, e.name)
+        return module.command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="edgekit")
 def cli() -> None:
     """edgekit: make Llama-style models cheap enough for laptops, ARM boards and phones.
@@ -40,40 +87,6 @@ def cli() -> None:
       edgekit export stories260k --skip 2 --quant int4
       edgekit inspect out/stories260k-skip2-int4
     """
-
-
-def _register() -> None:
-    from edgekit.cli import (
-        analyze_cmd,
-        chat_cmd,
-        eval_cmd,
-        export_cmd,
-        inspect_cmd,
-        models_cmd,
-        profile_cmd,
-        recipes_cmd,
-        run_cmd,
-        sweep_cmd,
-        verify_cmd,
-    )
-
-    for module in (
-        export_cmd,
-        inspect_cmd,
-        models_cmd,
-        run_cmd,
-        chat_cmd,
-        profile_cmd,
-        analyze_cmd,
-        sweep_cmd,
-        verify_cmd,
-        eval_cmd,
-        recipes_cmd,
-    ):
-        cli.add_command(module.command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,12 +12,14 @@ a sequence ends at C - 1 tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from edgekit.errors import EdgekitError
 from edgekit.runtime.kv_engine import KV_NP_DTYPES
+from edgekit.runtime.providers import Placement, RuntimeOptions, create_session
 
 
 class FixedEngine:
@@ -94,3 +96,13 @@ class FixedEngine:
             rows = [self._step(self.prefill, ids[k : k + self.chunk]) for k in range(0, len(ids), self.chunk)]
         logits = np.concatenate(rows)
         return logits if all_logits else logits[-1:]
+
+
+def open_fixed(folder: Path, files: dict[str, str], options: RuntimeOptions) -> tuple[FixedEngine, Placement]:
+    """The engine over a bundle's fixed pair (`manifest["fixed_shapes"]["files"]`), and both graphs' placement."""
+    prefill, on_prefill = create_session(folder / files["prefill"], options)
+    decode, placement = create_session(folder / files["decode"], options)
+    for ours, theirs in ((placement.nodes, on_prefill.nodes), (placement.cpu_ops, on_prefill.cpu_ops)):
+        for key, n in theirs.items():
+            ours[key] = ours.get(key, 0) + n
+    return FixedEngine(prefill, decode), placement

@@ -39,7 +39,7 @@ import numpy as np
 
 from edgekit.bundle.folder import Bundle, open_bundle
 from edgekit.errors import EdgekitError
-from edgekit.runtime.fixed_engine import FixedEngine
+from edgekit.runtime.fixed_engine import FixedEngine, open_fixed
 from edgekit.runtime.kv_engine import CAPACITY_STEP, KVEngine
 from edgekit.runtime.providers import (
     STATIC_SHAPE_PROVIDERS,
@@ -141,15 +141,9 @@ class Generator:
         fixed = (self.bundle.manifest.get("fixed_shapes") or {}).get("files")
         if fixed and short_name(resolve(self.options.provider).ort_name) in STATIC_SHAPE_PROVIDERS:
             # the provider compiles static shapes: the fixed prefill/decode pair (placement: both graphs)
-            prefill, on_prefill = create_session(self.bundle.path / fixed["prefill"], self.options)
-            self.session, self.placement = create_session(self.bundle.path / fixed["decode"], self.options)
-            for ours, theirs in (
-                (self.placement.nodes, on_prefill.nodes),
-                (self.placement.cpu_ops, on_prefill.cpu_ops),
-            ):
-                for key, n in theirs.items():
-                    ours[key] = ours.get(key, 0) + n
-            self.engine: KVEngine | FixedEngine = FixedEngine(prefill, self.session)
+            fixed_engine, self.placement = open_fixed(self.bundle.path, fixed, self.options)
+            self.engine: KVEngine | FixedEngine = fixed_engine
+            self.session = fixed_engine.decode
             self.max_context = min(self.max_context, self.engine.capacity)
         else:
             self.session, self.placement = create_session(self.bundle.model_file, self.options)
