@@ -154,10 +154,13 @@ def report(model: str) -> None:
     rows = [r for r in rows if r["model"] == model]
     quality = {r["kv"]: r for r in rows if r["kind"] == "quality"}
     decode: dict[tuple[str, int], list[float]] = {}
+    prefill: dict[tuple[str, int], list[float]] = {}
     per_token: dict[str, int] = {}
     for r in rows:
         if r["kind"] == "decode":
             decode.setdefault((r["kv"], r["context"]), []).append(r["decode_ms"])
+            if r.get("prefill_s"):
+                prefill.setdefault((r["kv"], r["context"]), []).append(r["context"] / r["prefill_s"])
             per_token[r["kv"]] = r["kv_bytes_per_token"]
     contexts = sorted({c for _, c in decode})
     kvs = list(dict.fromkeys(k for k, _ in decode))
@@ -166,6 +169,7 @@ def report(model: str) -> None:
         return
     base = kvs[0]
     head = ["KV cache", "bytes/token", *[f"decode ms/token at {c} (vs {base})" for c in contexts]]
+    head += [f"prefill tok/s of {c}" for c in contexts if prefill]
     if quality:
         head += ["WikiText-2 ppl", "KL vs float cache"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -177,6 +181,8 @@ def report(model: str) -> None:
         for c in contexts:
             ms = statistics.median(decode[kv, c])
             cells.append(f"{ms:.2f} ({ms / statistics.median(decode[base, c]):.2f}x)")
+        for c in contexts if prefill else []:
+            cells.append(f"{statistics.median(prefill[kv, c]):.0f}")
         if quality:
             q = quality.get(kv, {})
             w, w0 = q.get("wikitext"), quality.get(base, {}).get("wikitext")
