@@ -1,7 +1,7 @@
 """The KV cache table: --kv-cache fp32 vs int8 vs int4, bytes, decode speed at long contexts, perplexity.
 
     python bench/kv_cache.py --model smollm2                 # real SmolLM2-135M, int4 weights (default algo)
-    python bench/kv_cache.py --model llama2-7b --rounds 2    # Llama-2-7B-shaped random GGUF, skip 8 (speed only)
+    python bench/kv_cache.py --model llama2-7b --kv auto,int8 --contexts 1024,4064 --rounds 2  # 7B, skip 8
     python bench/kv_cache.py --model smollm2 --report        # markdown from bench/work/kv_cache.jsonl
 
 Per cache type, one bundle (same weights, same skip set; only --kv-cache differs), exported once into
@@ -78,8 +78,11 @@ def _prompt_ids(bundle: Path, n: int) -> list[int]:
 
 
 def _decode(bundle: Path, contexts: list[int], real_fill: bool) -> dict[int, dict]:
+    limit = json.loads((bundle / "edgekit.json").read_text())["architecture"]["max_context"]
+    if max(contexts) + DECODE_STEPS + 1 > limit:  # the rotary table ends at the model's context
+        raise SystemExit(f"--contexts: at most {limit - DECODE_STEPS - 1} for {bundle.name}")
     session, _ = create_session(bundle / "model.onnx", RuntimeOptions(threads=2))
-    engine = KVEngine(session, capacity=max(contexts) + DECODE_STEPS + 8)
+    engine = KVEngine(session, capacity=max(contexts) + DECODE_STEPS + 1)
     out = {}
     for n in contexts:
         engine.reset()

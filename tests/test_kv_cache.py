@@ -24,7 +24,7 @@ PROMPT = [1, 403, 407, 261, 378]  # "Once upon a time" in stories260K's vocabula
 def test_only_what_the_cpu_kernels_run_well_can_be_asked_for():
     assert kv_format("auto", "int4") == FORMATS["fp32"] and kv_format("auto", "fp16") == FORMATS["fp16"]
     assert kv_format("int8", "fp16").name == "int8"
-    with pytest.raises(EdgekitError, match="20-100x slower"):
+    with pytest.raises(EdgekitError, match="4-160x slower"):
         kv_format("fp16", "fp32")
     with pytest.raises(EdgekitError, match="activations' type"):
         kv_format("fp32", "fp16")

@@ -13,7 +13,8 @@ the pair's norm: that is what the key scales take, so calibration needs no rotar
 
 What the CPU kernels support (checked on onnxruntime 1.32, x86-64): a float32 graph with a float32, int8 or
 int4 cache; a float16 graph with a float16, int8 or int4 cache. A float16 cache under float32 activations is
-accepted by the kernel but runs 20-100x slower (a conversion per step over the whole cache), so it is refused.
+accepted by the kernel but runs 3.6-159x slower (a conversion per step over the whole cache; bench/kv_kernel.py),
+so it is refused.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def kv_format(kind: str, quant_mode: str, flavour: str = "fused") -> KVFormat:
         raise EdgekitError(
             f"--kv-cache {kind} with {activations} activations: onnxruntime's CPU attention "
             + (
-                "runs a float16 cache under float32 activations 20-100x slower; use --kv-cache int8 (4x smaller)"
+                "runs a float16 cache under float32 activations 4-160x slower; use --kv-cache int8 (4x smaller)"
                 if kind == "fp16"
                 else "needs the cache in the activations' type; use --kv-cache fp16 or int8"
             )
