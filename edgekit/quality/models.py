@@ -36,6 +36,8 @@ def set_threads(threads: int | None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    # onnxruntime warns that `logits_to_keep` (an input with a default) is not a constant: expected
+    options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
