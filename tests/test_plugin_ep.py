@@ -86,3 +86,21 @@ def test_the_fixed_window_engine_matches_one_prefill_of_the_dynamic_graph(npu_bu
 
 def _greedy(n: int) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=n, stop_on_eos=False)
+
+
+def test_inspect_places_every_graph_of_the_bundle_on_the_provider(npu_bundle):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "edgekit", "inspect", str(npu_bundle), "--provider", "qnn", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    placed = json.loads(out.stdout)["placement"]
+    assert set(placed) == {"model", "prefill", "decode"}
+    assert placed["decode"]["cpu_fallback"] == placed["prefill"]["cpu_fallback"] == 0
+    assert placed["model"]["cpu_fallback_ops"]["MatMul"] > 10

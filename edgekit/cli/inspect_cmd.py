@@ -6,23 +6,32 @@ import click
 
 from edgekit.bundle.folder import read_bundle
 from edgekit.cli.output import emit_json, human_bytes, layer_list
+from edgekit.runtime.providers import RuntimeOptions, bundle_placements
 
 
 @click.command("inspect")
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--provider",
+    metavar="NAME",
+    help="Also load every graph of the bundle on this execution provider (with the recipe's options) and show "
+    "how many nodes it takes and which op types fall back to the CPU.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def command(bundle: Path, as_json: bool) -> None:
+def command(bundle: Path, provider: str | None, as_json: bool) -> None:
     """Show what is in a bundle: source, skipped layers, KV layout, quantization, checks, files.
 
     \b
     Example:
       edgekit inspect out/stories260k-skip2-int4
       edgekit inspect out/stories260k-skip2-int4 --json | jq .skip
+      edgekit inspect out/stories260k-qnn --provider qnn      # nodes on QNN per graph
     """
     b = read_bundle(bundle)
     m = b.manifest
+    placed = bundle_placements(b.path, m, RuntimeOptions(provider=provider)) if provider else {}
     if as_json:
-        emit_json(m)
+        emit_json(m | ({"placement": {k: p.to_dict() for k, p in placed.items()}} if placed else {}))
         return
     a, sk, g, q = m["architecture"], m["skip"], m["graph"], m["quantization"]
     click.echo(f"{b.path}  (edgekit bundle, schema {m['schema_version']})")
@@ -55,3 +64,5 @@ def command(bundle: Path, as_json: bool) -> None:
     for name, f in m["files"].items():
         click.echo(f"  file         {name:<24} {human_bytes(f['bytes']):>10}  sha256 {f['sha256'][:16]}")
     click.echo(f"  made by      {m.get('command', '?')}")
+    for name, p in placed.items():
+        click.echo(f"  on {provider:<9} {name:<8} {p.summary()}")

@@ -13,8 +13,11 @@ mobile provider and the CPU is the classic cause of slow phones, so it is shown,
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -122,7 +125,21 @@ class Placement:
 # Providers that compile static shapes: a bundle's fixed-shape graphs, where it has them, run on these
 # (runtime/fixed_engine.py); the dynamic graph would leave most of its nodes to the CPU.
 STATIC_SHAPE_PROVIDERS = ("qnn", "nnapi", "coreml")
-_REGISTERED: set[str] = set()  # plugin EPs registered in this process (registering twice is an error)
+_REGISTERED: set[str] = set()
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to 2 meanwhile: QNN's libraries print a banner
+    ("# LIBNATIVE: ...") on stdout, which would break `--json` output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)  # plugin EPs registered in this process (registering twice is an error)
 
 
 def plugin_devices(info: ProviderInfo) -> list[Any]:
@@ -136,7 +153,8 @@ def plugin_devices(info: ProviderInfo) -> list[Any]:
     name = info.plugin.ep_name
     if name not in _REGISTERED:
         try:
-            ort.register_execution_provider_library(name, module.get_library_path())
+            with _native_stdout_to_stderr():
+                ort.register_execution_provider_library(name, module.get_library_path())
         except Exception as e:  # onnxruntime raises its own types for a library it cannot load
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EdgekitError(f"could not register {info.plugin.package}'s execution provider: {first}") from e
@@ -259,7 +277,8 @@ def create_session(model_path: Path | str, opts: RuntimeOptions) -> tuple[ort.In
     try:
         if devices:  # a plugin EP is chosen by device; onnxruntime adds the CPU provider behind it
             so.add_provider_for_devices(devices, _provider_options(key, opts))
-            session = ort.InferenceSession(str(model_path), so)
+            with _native_stdout_to_stderr():
+                session = ort.InferenceSession(str(model_path), so)
         else:
             session = ort.InferenceSession(str(model_path), so, providers=providers)
     except Exception as e:  # onnxruntime raises its own types for a bad model or a refused partition
@@ -281,6 +300,14 @@ def placement(session: ort.InferenceSession, requested: str) -> Placement:
     except (AttributeError, RuntimeError):  # onnxruntime < 1.23 has no assignment record
         pass
     return Placement(requested, nodes, cpu_ops)
+
+
+def bundle_placements(folder: Path, manifest: dict[str, Any], opts: RuntimeOptions) -> dict[str, Placement]:
+    """Each graph of a bundle (model.onnx, and the fixed-shape pair where it has one) placed on `opts`'s
+    provider with the recipe's options: what `inspect --provider` shows."""
+    opts = with_recipe_options(opts, manifest)
+    files = {"model": manifest["graph"]["file"], **((manifest.get("fixed_shapes") or {}).get("files") or {})}
+    return {name: create_session(folder / file, opts)[1] for name, file in files.items()}
 
 
 def available() -> list[str]:
