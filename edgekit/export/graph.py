@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from edgekit.checkpoint.load import Checkpoint, rotary_tables
 from edgekit.errors import EdgekitError
 from edgekit.export.gguf_blocks import Blocks, KeptWeights, gather_blocks, stack_rows
-from edgekit.export.kv_cache import KVScales
+from edgekit.export.kv_cache import KVScales, format_named
 from edgekit.export.onnx_writer import MS_DOMAIN, OPSET, GraphContract, GraphWriter, TensorSink, write_model
 from edgekit.export.quantize import QuantConfig, quantize_node
 from edgekit.skip.skipset import SkipSet
@@ -66,12 +66,9 @@ def pad_rotary(table: np.ndarray, head_dim: int, fill: float) -> np.ndarray:
     return np.concatenate([table, pad], axis=1)
 
 
-KV_VALUE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "int4": 0.5}
-
-
 def graph_manifest(contract: GraphContract, data_file: str | None) -> dict[str, Any]:
     """The manifest's graph section for the fused flavour (export.device rewrites it for the standard one)."""
-    value_bytes = KV_VALUE_BYTES[contract.kv_dtype]
+    value_bytes = format_named(contract.kv_dtype).bytes_per_value()
     return {
         "file": "model.onnx",
         "external_data": data_file,

@@ -67,6 +67,11 @@ FORMATS = {
 }
 
 
+def format_named(name: str) -> KVFormat:
+    """The format a graph contract's kv_dtype names ("float32", "int8", ...)."""
+    return next(f for f in FORMATS.values() if f.name == name)
+
+
 def kv_format(kind: str, quant_mode: str, flavour: str = "fused") -> KVFormat:
     """The cache format for `--kv-cache kind`, or a one-line refusal where the CPU kernels can't run it well."""
     if kind not in KV_CACHES:

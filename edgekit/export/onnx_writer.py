@@ -14,6 +14,7 @@ from onnx.external_data_helper import set_external_data
 
 from edgekit.export.gguf_blocks import Blocks, matmul_nbits, quantize_q4_1
 from edgekit.export.int4 import int4_matmul
+from edgekit.export.kv_cache import format_named
 from edgekit.export.quantize import QuantConfig, matmul_node, quantize_node
 
 OPSET = 21  # int4 tensors need opset 21 / IR 10
@@ -177,7 +178,7 @@ def write_model(
     initializers: list[TensorProto] | None = None,
 ) -> str | None:
     """Wrap a flavour's nodes in the contract's inputs/outputs and save; every flavour ends here."""
-    stored = contract.head_dim // 2 if contract.kv_dtype == "int4" else contract.head_dim  # two per byte
+    stored = format_named(contract.kv_dtype).stored_head_dim(contract.head_dim)  # int4: two per byte
     kv_in = ["batch_size", contract.kv_heads, "past_sequence_length", stored]
     kv_out = ["batch_size", contract.kv_heads, "total_sequence_length", stored]
     inputs = [

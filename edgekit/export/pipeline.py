@@ -126,13 +126,13 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 def export(req: ExportRequest) -> ExportResult:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    kv_format = req.quant.kv_format(req.flavour)  # refuses a quantized cache on the standard graph, up front
     resolved = resolve_model(req.model, allow_download=req.allow_download)
     ckpt = open_checkpoint(resolved.path, resolved.source_id, req.trust_remote_code, req.allow_pickle)
     skip = select_skip(ckpt, req.skip, req.skip_layers, req.calib, req.fill)
     context = recipe_context(req, ckpt.spec.max_context)
     if context < 2 or context > ckpt.spec.max_context:
         raise EdgekitError(f"--max-context {context}: must be between 2 and the model's {ckpt.spec.max_context}")
-    kv_format = req.quant.kv_format(req.flavour)  # refuses a quantized cache on the standard graph
     target = req.output or default_output(resolved, skip, req.quant)
     memory = plan_target(req, ckpt, skip, context)  # refuses what the device's memory cannot hold
     export_memory = plan_export_memory(  # refuses what this machine's budget cannot hold, before writing
