@@ -265,6 +265,12 @@ ROWS: list[Row] = [
         r"evil\.py: not in the manifest",
         _copy_bundle("b", lambda b: (b / "evil.py").write_text("import os")),
     ),
+    Row("verify-emulate-unknown-core", ("verify", "{b}", "--emulate", "cortex-a99"), r"cores are cortex-a53"),
+    Row(
+        "verify-text-without-emulate",
+        ("verify", "{b}", "--text", str(STORIES.parent / "calib-tinystories.txt")),
+        r"--text goes with --emulate",
+    ),
 ]
 
 RECIPE = (STORIES.parent / "recipes" / "raspberry-pi-5.yaml").read_text()

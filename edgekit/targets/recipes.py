@@ -18,6 +18,8 @@ from edgekit.errors import EdgekitError
 from edgekit.export.graph import FLAVOURS
 from edgekit.export.kv_cache import KV_CACHES
 from edgekit.export.quantize import QUANT_MODES
+from edgekit.runtime.agreement import VERDICTS
+from edgekit.targets.arm_env import CORES
 
 RECIPES_DIR = DATA_DIR / "recipes"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -134,6 +136,17 @@ def _fixed(v: Any) -> str | None:
     return None
 
 
+def _emulated(v: Any) -> str | None:
+    if not isinstance(v, dict) or not v:
+        return "must map emulated cores to verdicts, e.g. {cortex-a72: exact}"
+    for core, verdict in v.items():
+        if core not in CORES:
+            return f"core {core!r}: expected one of {', '.join(CORES)}"
+        if verdict not in VERDICTS:
+            return f"{core}: verdict {verdict!r}: expected one of {', '.join(VERDICTS)}"
+    return None
+
+
 # section → key → (required, check). Top-level scalars live under "".
 SCHEMA: dict[str, dict[str, tuple[bool, Any]]] = {
     "": {
@@ -142,6 +155,8 @@ SCHEMA: dict[str, dict[str, tuple[bool, Any]]] = {
         "make_target": (True, _name),
         "tested": (True, _text),
         "unverified": (True, _text),
+        # the worst verdict of this recipe's bundles on each core under emulation; make check-arm re-checks it
+        "emulated": (False, _emulated),
     },
     "device": {
         "arch": (True, _choice(("x86_64", "arm64"))),
@@ -197,6 +212,7 @@ class Recipe:
     lm_head_bits: int | None = None
     kv_cache: str | None = None
     fixed_shapes: dict[str, int] | None = None
+    emulated: dict[str, str] = field(default_factory=dict)
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -222,6 +238,7 @@ class Recipe:
             "isa_preset": {"name": self.isa_preset, **ISA_PRESETS[self.isa_preset]},
             "emit_ort": self.emit_ort,
             "fixed_shapes": self.fixed_shapes,
+            "emulated": dict(self.emulated),
         }
 
 
@@ -272,6 +289,7 @@ def parse_recipe(text: str, where: str) -> Recipe:
     flat = _validate(data, where)
     flat["providers"] = tuple({"name": p["name"], "options": dict(p.get("options") or {})} for p in flat["providers"])
     fixed = flat.pop("fixed_shapes", None)
+    flat["emulated"] = dict(flat.get("emulated") or {})
     return Recipe(**flat, fixed_shapes=dict(fixed) if fixed else None)
 
 
