@@ -9,7 +9,7 @@ QUANT   ?= int8
 ASK     ?= What is the capital of France? Answer in one word.
 OUT     ?= out
 
-.PHONY: help install models demo test lint bench bench-speed clean
+.PHONY: help install models demo test check check-arm arm-tools lint bench bench-speed clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-18s %s\n", $$1, $$2}'
@@ -38,7 +38,7 @@ RECIPE_FLAGS = $(if $(call given,SKIP),--skip $(SKIP)) $(if $(call given,QUANT),
                $(if $(CONTEXT),--max-context $(CONTEXT))
 DEVICE_OUT   = $(OUT)/$(notdir $(patsubst %/,%,$(MODEL)))-$@
 
-.PHONY: laptop-avx2 laptop-avx512 pi5 android apple qnn recipes
+.PHONY: laptop-avx2 laptop-avx512 pi4 pi5 android apple qnn recipes
 recipes: install  ## list the device recipes behind the targets below
 	$(BIN)/edgekit recipes
 
@@ -47,6 +47,9 @@ laptop-avx2: models  ## x86 laptop, AVX2: fused graph, int4 (MODEL=..., SKIP=N o
 
 laptop-avx512: models  ## x86 laptop, AVX-512 VNNI: fused graph, int8 symmetric
 	$(BIN)/edgekit export $(MODEL) --recipe laptop-x86-avx512-vnni $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
+
+pi4: models  ## Raspberry Pi 4 (arm64 A72, no dot product, 4 GB): fused graph, int4 symmetric, accuracy level 1
+	$(BIN)/edgekit export $(MODEL) --recipe raspberry-pi-4 $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
 
 pi5: models  ## Raspberry Pi 5 (arm64, 4 cores, 8 GB): fused graph, int4 symmetric
 	$(BIN)/edgekit export $(MODEL) --recipe raspberry-pi-5 $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
@@ -60,8 +63,17 @@ apple: models  ## Apple silicon (CoreML): standard graph, fp16, .ort + fixed sha
 qnn: models  ## Snapdragon NPU (QNN HTP): standard graph, fp16, fixed shapes
 	$(BIN)/edgekit export $(MODEL) --recipe qualcomm-npu $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
 
-test: models  ## run the test suite (the real-model tests need `make models`)
+test: models arm-tools  ## run the test suite (the real-model tests need `make models`)
 	$(BIN)/pytest
+
+check: test check-arm  ## what CI runs: the test suite, then the aarch64 agreement matrix
+
+# qemu's user-mode emulator runs PyPI's aarch64 onnxruntime here (edgekit verify --emulate, make check-arm).
+arm-tools:
+	@command -v qemu-aarch64-static >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user-static; }
+
+check-arm: models arm-tools  ## bundles on emulated cortex-a53/a72/a76/neoverse-n1 vs this host + a torch-free install there (~10 min)
+	$(PYTHON) bench/check_arm.py $(if $(CORES),--cores $(CORES))
 
 lint: install  ## ruff lint + format check + the import-layer contracts (pyproject [tool.importlinter])
 	$(BIN)/ruff check edgekit tests bench
