@@ -4,7 +4,7 @@
     python bench/check_arm.py --cores cortex-a72 --no-smollm2 --no-install   # a quick look
 
 Exports the matrix into bench/work/check_arm/ (stories260K: fp32 skip 0 and 2, int8, int4 at accuracy
-levels 4 and 1, the standard int8 graph with its .ort and fixed-shape twins, every arm64 recipe's bundle;
+levels 4 and 1, the every arm64 recipe's bundle, the Android one's standard int8 graph with its .ort and fixed-shape twins;
 SmolLM2-135M-Instruct: int4 as the Pi 5 and Pi 4 recipes make it), runs every graph on every emulated
 core (edgekit.targets.emulate: the real aarch64 onnxruntime wheel under qemu-user-static) and compares
 greedy tokens, top-1 over a text and logits with the host's. Then installs edgekit's wheel inside the
@@ -48,7 +48,6 @@ STORIES = {
     "int8-skip2": ["--skip", "2", "--quant", "int8"],
     "int4-skip2": ["--skip", "2", "--quant", "int4"],
     "int4-skip2-level1": ["--skip", "2", "--quant", "int4", "--accuracy-level", "1"],
-    "standard-int8-skip2": ["--skip", "2", "--recipe", "android-arm64"],
 }
 # SmolLM2 bundles take 45-90 s per emulated core (stories260K: ~1 s), so each runs on its recipe's kind of
 # core: the Pi 4 recipe (level 1, fp32 compute) on the cores without dot products, the Pi 5 recipe (level
