@@ -4,11 +4,12 @@
     python bench/check_arm.py --cores cortex-a72 --no-smollm2 --no-install   # a quick look
 
 Exports the matrix into bench/work/check_arm/ (stories260K: fp32 skip 0 and 2, int8, int4 at accuracy
-levels 4 and 1, the every arm64 recipe's bundle, the Android one's standard int8 graph with its .ort and fixed-shape twins;
-SmolLM2-135M-Instruct: int4 as the Pi 5 and Pi 4 recipes make it), runs every graph on every emulated
-core (edgekit.targets.emulate: the real aarch64 onnxruntime wheel under qemu-user-static) and compares
-greedy tokens, top-1 over a text and logits with the host's. Then installs edgekit's wheel inside the
-emulated environment with the guest's own pip (no torch in reach) and runs `edgekit run` and `verify` there.
+levels 4 and 1, and every arm64 recipe's bundle: the Android one is the standard int8 graph with its .ort
+and fixed-shape twins; SmolLM2-135M-Instruct: int4 as the Pi 5 and Pi 4 recipes make it), runs every
+graph on every emulated core (edgekit.targets.emulate: the real aarch64 onnxruntime wheel under
+qemu-user-static) and compares greedy tokens, top-1 over a text and logits with the host's. Then
+installs edgekit's wheel inside the emulated environment with the guest's own pip (no torch in reach)
+and runs `edgekit run`, `verify` and `chat` there.
 
 Fails (exit 1) when a probe errors, when an fp32 or accuracy-level-1 graph is not exact on some core, or
 when a recipe's `emulated:` record (core -> verdict) no longer holds. What quantized level-4 graphs do on
