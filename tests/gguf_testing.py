@@ -58,7 +58,7 @@ def write_random_gguf(
     seed: int = 0,
     extra_tensors: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write a random llama/qwen2-shaped GGUF and return its weights by HF name, in HF layout.
+    """Write a random llama/qwen2/qwen3-shaped GGUF and return its weights by HF name, in HF layout.
 
     `qtype` (F32, F16 or a type gguf.quants quantizes: Q8_0, Q4_0, Q4_1) applies to the 2-D matrices,
     `embed_qtype` (default: qtype) to the token embedding, as SmolLM2's Q4_1 file keeps it Q8_0; norms and
@@ -144,6 +144,9 @@ def write_random_gguf(
             put(f"blk.{i}.attn_q.bias", f"{hf}.self_attn.q_proj.bias", norm(heads * head_dim) - 1.0)
             put(f"blk.{i}.attn_k.bias", f"{hf}.self_attn.k_proj.bias", norm(kv_heads * head_dim) - 1.0)
             put(f"blk.{i}.attn_v.bias", f"{hf}.self_attn.v_proj.bias", norm(kv_heads * head_dim) - 1.0)
+        if arch == "qwen3":
+            put(f"blk.{i}.attn_q_norm.weight", f"{hf}.self_attn.q_norm.weight", norm(head_dim) + 0.3 * norm(head_dim))
+            put(f"blk.{i}.attn_k_norm.weight", f"{hf}.self_attn.k_norm.weight", norm(head_dim) - 0.3 * norm(head_dim))
         put(f"blk.{i}.attn_output.weight", f"{hf}.self_attn.o_proj.weight", mat(hidden, heads * head_dim))
         put(f"blk.{i}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight", norm(hidden))
         put(f"blk.{i}.ffn_gate.weight", f"{hf}.mlp.gate_proj.weight", mat(intermediate, hidden))

@@ -98,6 +98,28 @@ def test_qwen2_biases_and_no_permutation(tmp_path: Path) -> None:
     assert Qwen2Config(**model.config).num_key_value_heads == 2
 
 
+def test_qwen3_q_k_norms_map_and_export_exactly(tmp_path: Path) -> None:
+    from transformers import Qwen3Config
+
+    from edgekit.bundle.folder import read_bundle
+    from edgekit.export.pipeline import ExportRequest, export
+    from edgekit.export.quantize import QuantConfig
+
+    path = tmp_path / "qwen3.gguf"
+    expected = write_random_gguf(path, arch="qwen3", n_layers=3)
+    model = read_gguf(path)
+    assert (model.config["model_type"], model.config["architectures"]) == ("qwen3", ["Qwen3ForCausalLM"])
+    assert "model.layers.2.self_attn.k_norm.weight" in model.weights
+    for name, value in expected.items():  # no Q/K permutation for Qwen3, as for Qwen2
+        np.testing.assert_array_equal(model.weights.get(name), value, err_msg=name)
+    config = Qwen3Config(**model.config)
+    assert not config.attention_bias and not config.use_sliding_window
+    out = tmp_path / "bundle"
+    export(ExportRequest(model=str(path), skip_layers="1", quant=QuantConfig(mode="fp32"), output=out))
+    v = read_bundle(out).manifest["verification"]
+    assert v["passed"] and v["greedy_match"] and v["max_abs_logit_diff"] < 1e-4 * max(v["max_abs_logit"], 1.0), v
+
+
 def test_config_round_trips_through_llamaconfig(tmp_path: Path) -> None:
     from transformers import LlamaConfig
 

@@ -24,16 +24,20 @@ class WeightNames:
     k: str = "model.layers.{i}.self_attn.k_proj.{p}"
     v: str = "model.layers.{i}.self_attn.v_proj.{p}"
     o: str = "model.layers.{i}.self_attn.o_proj.weight"
+    q_norm: str = "model.layers.{i}.self_attn.q_norm.weight"  # per-head RMSNorm of q and k (Qwen3)
+    k_norm: str = "model.layers.{i}.self_attn.k_norm.weight"
     post_norm: str = "model.layers.{i}.post_attention_layernorm.weight"
     gate: str = "model.layers.{i}.mlp.gate_proj.weight"
     up: str = "model.layers.{i}.mlp.up_proj.weight"
     down: str = "model.layers.{i}.mlp.down_proj.weight"
 
-    def attention_weights(self, i: int, qkv_bias: bool) -> list[str]:
+    def attention_weights(self, i: int, qkv_bias: bool, qk_norm: bool = False) -> list[str]:
         names = [self.input_norm, self.q, self.k, self.v, self.o]
         out = [n.format(i=i, p="weight") for n in names]
         if qkv_bias:
             out += [n.format(i=i, p="bias") for n in (self.q, self.k, self.v)]
+        if qk_norm:
+            out += [self.q_norm.format(i=i), self.k_norm.format(i=i)]
         return out
 
     def mlp_weights(self, i: int) -> list[str]:
@@ -45,14 +49,19 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     qkv_bias: bool = False
+    qk_norm: bool = False  # an RMSNorm over each head of q and k before rotary
     uses_sliding_window: bool = False
     names: WeightNames = WeightNames()
+
+    def attention_weights(self, i: int) -> list[str]:
+        return self.names.attention_weights(i, self.qkv_bias, self.qk_norm)
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",)),
     Family("mistral", ("mistral",), uses_sliding_window=True),
     Family("qwen2", ("qwen2",), qkv_bias=True, uses_sliding_window=True),
+    Family("qwen3", ("qwen3",), qk_norm=True, uses_sliding_window=True),
 )
 
 # Rotary variants whose inverse frequencies are fixed at load time, so a cos/sin table baked into the
@@ -91,6 +100,12 @@ def check_supported(config: Any, family: Family) -> None:
     )
     if heads % kv_heads:
         raise EdgekitError(f"unsupported: {heads} attention heads do not divide into {kv_heads} KV heads")
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if len(layer_types) > 1:
+        raise EdgekitError(
+            f"unsupported: layers of different attention kinds ({', '.join(sorted(layer_types))}); edgekit's graph "
+            "gives every layer the same window"
+        )
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:

@@ -19,15 +19,44 @@ from gguf.quants import dequantize
 
 from edgekit.errors import EdgekitError
 
-# GGUF architecture -> (HF architectures entry, HF model_type, whether llama.cpp permuted Q/K rows).
-# convert_hf_to_gguf.py permutes Q/K only in LlamaModel (and subclasses such as Mistral), to turn HF's
-# rotate-half RoPE layout into GGML's interleaved one; Qwen2Model writes them untouched (transformers'
-# loader agrees: only the "llama" arch gets LlamaTensorProcessor). llama.cpp has no "mistral" arch for
-# text models (Mistral 7B converts as "llama"); "mistral" is accepted in case a writer used it anyway.
-_ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
-    "llama": ("LlamaForCausalLM", "llama", True),
-    "mistral": ("LlamaForCausalLM", "llama", True),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+
+@dataclass(frozen=True)
+class _Arch:
+    """What one GGUF architecture becomes in Hugging Face terms."""
+
+    hf_architecture: str
+    model_type: str
+    # convert_hf_to_gguf.py permutes Q/K only in LlamaModel (and subclasses such as Mistral), to turn HF's
+    # rotate-half RoPE layout into GGML's interleaved one; Qwen2Model/Qwen3Model write them untouched
+    # (transformers' loader agrees: only the "llama" arch gets LlamaTensorProcessor).
+    permuted_qk: bool
+    extra_layer_names: tuple[tuple[str, str], ...] = ()  # GGUF name -> HF name, beyond _LAYER_NAMES
+    config: tuple[tuple[str, Any], ...] = ()  # HF config keys set (None: removed) after the common ones
+
+
+_QWEN2_BIAS_NAMES = (
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
+)
+_QK_NORM_NAMES = (("attn_q_norm.weight", "self_attn.q_norm.weight"), ("attn_k_norm.weight", "self_attn.k_norm.weight"))
+# llama.cpp runs every Qwen layer with full attention, whatever the HF config said about windows.
+_FULL_ATTENTION = (("use_sliding_window", False),)
+
+# llama.cpp has no "mistral" arch for text models (Mistral 7B converts as "llama"); "mistral" is accepted
+# in case a writer used it anyway.
+_ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _Arch("LlamaForCausalLM", "llama", True),
+    "mistral": _Arch("LlamaForCausalLM", "llama", True),
+    # Qwen2 attention hard-codes q/k/v biases: its config has no attention_bias/mlp_bias keys
+    "qwen2": _Arch(
+        "Qwen2ForCausalLM",
+        "qwen2",
+        False,
+        _QWEN2_BIAS_NAMES,
+        (("attention_bias", None), ("mlp_bias", None), *_FULL_ATTENTION),
+    ),
+    "qwen3": _Arch("Qwen3ForCausalLM", "qwen3", False, _QK_NORM_NAMES, (("mlp_bias", None), *_FULL_ATTENTION)),
 }
 
 _GLOBAL_NAMES = {
@@ -45,11 +74,6 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
-}
-_QWEN2_BIAS_NAMES = {
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -247,7 +271,8 @@ def _rope_parameters(reader: GGUFReader, arch: str, theta: float) -> dict[str, A
 def _build_config(
     reader: GGUFReader, arch: str, tensors: dict[str, ReaderTensor], weights: GGUFWeights
 ) -> dict[str, Any]:
-    hf_arch, model_type, _ = _ARCHITECTURES[arch]
+    spec = _ARCHITECTURES[arch]
+    hf_arch, model_type = spec.hf_architecture, spec.model_type
     hidden = int(_required(reader, f"{arch}.embedding_length"))
     heads = int(_required(reader, f"{arch}.attention.head_count"))
     kv_heads = int(metadata_field(reader, f"{arch}.attention.head_count_kv", heads))
@@ -289,17 +314,16 @@ def _build_config(
         value = metadata_field(reader, f"tokenizer.ggml.{key}")
         if value is not None:
             config[hf_key] = int(value)
-    if model_type == "qwen2":
-        # Qwen2 attention hard-codes q/k/v biases; llama.cpp runs every layer with full attention.
-        del config["attention_bias"], config["mlp_bias"]
-        config["use_sliding_window"] = False
+    for key, value in spec.config:
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
     return config
 
 
 def _map_tensors(reader: GGUFReader, arch: str, path: Path) -> dict[str, ReaderTensor]:
-    layer_names = dict(_LAYER_NAMES)
-    if arch == "qwen2":
-        layer_names.update(_QWEN2_BIAS_NAMES)
+    layer_names = {**_LAYER_NAMES, **dict(_ARCHITECTURES[arch].extra_layer_names)}
     mapped: dict[str, ReaderTensor] = {}
     for tensor in reader.tensors:
         name = tensor.name
@@ -321,7 +345,7 @@ def _map_tensors(reader: GGUFReader, arch: str, path: Path) -> dict[str, ReaderT
 
 def _check_complete(mapped: dict[str, ReaderTensor], arch: str, n_layers: int, path: Path) -> None:
     required = ["model.embed_tokens.weight", "model.norm.weight"]
-    per_layer = list(_LAYER_NAMES.values()) + (list(_QWEN2_BIAS_NAMES.values()) if arch == "qwen2" else [])
+    per_layer = [*_LAYER_NAMES.values(), *(hf for _, hf in _ARCHITECTURES[arch].extra_layer_names)]
     required += [f"model.layers.{i}.{n}" for i in range(n_layers) for n in per_layer]
     missing = [n for n in required if n not in mapped]
     if missing:
@@ -342,7 +366,9 @@ def read_gguf(path: Path) -> GGUFModel:
 
     heads = int(_required(reader, f"{arch}.attention.head_count"))
     kv_heads = int(metadata_field(reader, f"{arch}.attention.head_count_kv", heads))
-    weights = GGUFWeights(reader, mapped, num_heads=heads, num_kv_heads=kv_heads, permuted_qk=_ARCHITECTURES[arch][2])
+    weights = GGUFWeights(
+        reader, mapped, num_heads=heads, num_kv_heads=kv_heads, permuted_qk=_ARCHITECTURES[arch].permuted_qk
+    )
     config = _build_config(reader, arch, mapped, weights)
     tensor_types = {name: t.tensor_type.name for name, t in mapped.items()}
 

@@ -63,6 +63,8 @@ ALIASES: dict[str, ModelAlias] = {
         ModelAlias("mistral-7b", "mistralai/Mistral-7B-v0.1", "Mistral 7B v0.1", 32, "7.2B"),
         ModelAlias("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", "Qwen2.5 0.5B base", 24, "0.5B"),
         ModelAlias("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B", "Qwen2.5 1.5B base", 28, "1.5B"),
+        ModelAlias("qwen3-0.6b", "Qwen/Qwen3-0.6B", "Qwen3 0.6B (q/k norms, head_dim 128)", 28, "0.6B"),
+        ModelAlias("qwen3-1.7b", "Qwen/Qwen3-1.7B", "Qwen3 1.7B (q/k norms, head_dim 128)", 28, "1.7B"),
     ]
 }
 

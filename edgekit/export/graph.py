@@ -185,6 +185,35 @@ def _attention_inputs(
     return _AttentionInputs(seqlens_k, total_len, cos_name, sin_name, context, kv_scales)
 
 
+def _normed_heads(g: GraphWriter, ckpt: Checkpoint, i: int, qkv: str) -> list[str]:
+    """q, k, v from the packed projection, q and k RMS-normalized per head (Qwen3), for GQA to rotate.
+
+    onnxruntime 1.32's GroupQueryAttention declares q_norm_weight/k_norm_weight inputs, but its CPU kernel
+    refuses them ("implemented only on the CUDA and WebGPU EPs"), so the norms are nodes of their own.
+    """
+    spec, names, w, p = ckpt.spec, ckpt.family.names, ckpt.weights, f"/model/layers.{i}/attn"
+    if padded_head_dim(spec.head_dim) != spec.head_dim:
+        raise EdgekitError(
+            f"unsupported: per-head q/k norms with head_dim {spec.head_dim} (the fused graph pads heads to a "
+            f"multiple of {GQA_HEAD_MULTIPLE}, which changes the norm): use --flavour standard"
+        )
+    sizes = [spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim]
+    q, k, v = g.op("Split", [qkv, g.const(f"{p}/qkv_sizes", np.array(sizes, np.int64))], 3, f"{p}/qkv_split", axis=-1)
+    out = []
+    for key, x, heads, gamma in (("q", q, spec.heads, names.q_norm), ("k", k, spec.kv_heads, names.k_norm)):
+        split = g.op("Reshape", [x, g.const(f"{p}/{key}_heads_shape", np.array([0, 0, heads, -1], np.int64))])[0]
+        normed = g.op(
+            "SimplifiedLayerNormalization",
+            [split, g.float_const(f"{p}/{key}_norm.weight", w.get(gamma.format(i=i)))],
+            name=f"{p}/{key}_norm",
+            axis=-1,
+            epsilon=spec.rms_eps,
+            stash_type=1,
+        )[0]
+        out.append(g.op("Reshape", [normed, g.const(f"{p}/{key}_merge_shape", np.array([0, 0, -1], np.int64))])[0])
+    return [*out, v]
+
+
 def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _AttentionInputs) -> str:
     """Layer i's attention sublayer (fused QKV → GroupQueryAttention → o_proj) on KV-cache slot `slot`."""
     spec, names, w, p = ckpt.spec, ckpt.family.names, ckpt.weights, f"/model/layers.{i}"
@@ -205,6 +234,9 @@ def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _
         )
     qkv = g.linear(x, qkv_w, f"{p}/attn/qkv_proj", "attn", qkv_b)
     del qkv_w
+    qkv_inputs = [qkv, "", ""]
+    if ckpt.family.qk_norm:
+        qkv_inputs = _normed_heads(g, ckpt, i, qkv)
     attn_outs = [f"{p}/attn/GQA/out", f"present.{slot}.key", f"present.{slot}.value"]
     past = [f"past_key_values.{slot}.key", f"past_key_values.{slot}.value"]
     window = spec.sliding_window if spec.sliding_window and spec.sliding_window < a.context else -1
@@ -222,7 +254,7 @@ def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _
     g.nodes.append(
         helper.make_node(
             "GroupQueryAttention",
-            [qkv, "", "", *past, a.seqlens_k, a.total_len, a.cos, a.sin, *scales],
+            [*qkv_inputs, *past, a.seqlens_k, a.total_len, a.cos, a.sin, *scales],
             attn_outs,
             name=f"{p}/attn/GQA",
             domain=MS_DOMAIN,

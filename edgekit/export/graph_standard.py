@@ -163,6 +163,9 @@ def _attention(
         bias = w.get(wn.format(i=i, p="bias")) if ckpt.family.qkv_bias else None
         y = b.linear(x, w.get(wn.format(i=i, p="weight")), f"{p}/attn/{key}_proj", "attn", bias)
         proj[key] = b.heads(y, n_heads, hd, f"{p}/attn/{key}_heads")
+        if ckpt.family.qk_norm and key != "v":  # per-head RMSNorm before rotary (Qwen3)
+            gamma = w.get(getattr(names, f"{key}_norm").format(i=i))
+            proj[key] = b.rms_norm(proj[key], gamma, spec.rms_eps, f"{p}/attn/{key}_norm")
     q = b.rotary(proj["q"], step.cos, step.sin, hd, f"{p}/attn/q_rotary")
     k = b.rotary(proj["k"], step.cos, step.sin, hd, f"{p}/attn/k_rotary")
     k_all = g.op("Concat", [f"past_key_values.{slot}.key", k], name=f"{p}/attn/k_concat", axis=2)[0]

@@ -194,14 +194,16 @@ def calibrate_kv_scales(
 
     def keep(i: int, kind: str):
         def hook(_mod: Any, _args: Any, out: Any) -> None:
-            x = out.detach().reshape(-1, out.shape[-1]).float()
+            x = out.detach().reshape(-1, channels).float()  # [B, S, KV*D], or [B, S, KV, D] from a k_norm
             stats[i, kind].add(key_reach(x, spec.kv_heads, spec.head_dim) if kind == "key" else x)
 
         return hook
 
     handles = []
+    # the cache holds keys after the per-head norm where a family has one (Qwen3): calibrate on those
+    key_source = names.k_norm if ckpt.family.qk_norm else names.k
     for i in skip.kept:
-        for template, kind in ((names.k, "key"), (names.v, "value")):
+        for template, kind in ((key_source, "key"), (names.v, "value")):
             path = template.format(i=i, p="weight").removesuffix(".weight")
             if path not in modules:
                 raise EdgekitError(f"KV calibration: the model has no module {path}")
