@@ -589,3 +589,61 @@ def test_chat_never_imports_torch(chat_bundle: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "LOADED []" in proc.stdout and "JINJA_FOR_PLAIN_RUN False" in proc.stdout
+
+
+# Written here in the style of Qwen3's template: the constructs it relies on (a namespace updated while walking
+# the messages backwards, `is string`, str methods, splitting a reasoning block off past assistant turns) and
+# the `enable_thinking` variable that apply_chat_template passes through as a keyword argument.
+THINKING = (
+    "{%- set ns = namespace(last_user=messages|length - 1) %}"
+    "{%- for m in messages[::-1] %}{%- if m.role == 'user' and ns.last_user == messages|length - 1 %}"
+    "{%- set ns.last_user = (messages|length - 1) - loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- set content = m.content if m.content is string else '' %}"
+    "{%- if m.role == 'assistant' and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + content.strip() + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+EMPTY_THINK = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_a_qwen3_style_template_and_its_variables_match_transformers(thinking: bool | None) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "<think>\nplan\n</think>\n\nhello"},
+        {"role": "user", "content": " and now? "},
+    ]
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    ours = ChatTemplate(THINKING, variables=kwargs).render(messages)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")))
+    assert ours == tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, chat_template=THINKING, **kwargs
+    )
+    assert ours.endswith(EMPTY_THINK) == (thinking is False) and "plan" not in ours
+
+
+def test_template_var_reaches_the_template_from_the_command_line(bundle_factory, tmp_path_factory) -> None:
+    model = tmp_path_factory.mktemp("thinking-model") / "stories260k-thinking"
+    shutil.copytree(STORIES, model)
+    (model / "chat_template.jinja").write_text(THINKING)
+    bundle = str(bundle_factory(model=str(model)))
+    r = _edgekit(
+        "run", bundle, "hi", "--chat", "--template-var", "enable_thinking=false", "--max-new-tokens", "4", "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rendered_prompt"].endswith(EMPTY_THINK)
+    r = _edgekit("run", bundle, "hi", "--chat", "--max-new-tokens", "4", "--json")
+    assert not json.loads(r.stdout)["rendered_prompt"].endswith(EMPTY_THINK)
+    r = _edgekit("chat", bundle, "--template-var", "enable_thinking", stdin="hi\n")
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr
+    r = _edgekit("run", bundle, "hi", "--template-var", "enable_thinking=false")
+    assert r.returncode == 2 and "need --chat" in r.stderr

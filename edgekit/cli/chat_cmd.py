@@ -6,7 +6,13 @@ from pathlib import Path
 import click
 
 from edgekit.cli import Terminated
-from edgekit.cli.options import generation_options, runtime_options
+from edgekit.cli.options import (
+    generation_options,
+    parse_template_vars,
+    runtime_options,
+    template_var_option,
+    with_variables,
+)
 from edgekit.runtime.generator import ChatSession, GenerationConfig, Generator
 from edgekit.runtime.providers import RuntimeOptions
 
@@ -16,11 +22,13 @@ COMMANDS = "/reset starts over, /exit or end of input (Ctrl-D) ends"
 @click.command("chat")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--system", metavar="TEXT", help="The system prompt (kept across /reset).")
+@template_var_option
 @generation_options(max_new_tokens=256)
 @runtime_options
 def command(
     bundle: Path,
     system: str | None,
+    template_vars: tuple[str, ...],
     config: GenerationConfig,
     provider: str,
     threads: int | None,
@@ -41,11 +49,13 @@ def command(
     Examples:
       edgekit chat out/smollm2-int4
       edgekit chat out/smollm2-int4 --system "You are a pirate." --temperature 0.7 --seed 1
+      edgekit chat out/qwen3-int4 --template-var enable_thinking=false
       printf 'Hi!\\nAnd who are you?\\n' | edgekit chat out/smollm2-int4 --max-new-tokens 64
     """
     options = RuntimeOptions(provider=provider, threads=threads, affinity=affinity, spin=not no_spin)
+    variables = parse_template_vars(template_vars)
     gen = Generator(bundle, options, check_integrity=not no_integrity_check)
-    session = gen.chat_session(system)
+    session = gen.chat_session(system, with_variables(gen.chat_template, variables))
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"edgekit chat: {gen.bundle.path} ({gen.placement.summary()}); {COMMANDS}", err=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -98,3 +99,40 @@ def generation_options(max_new_tokens: int = 64) -> Decorator:
         return options(wrapper)
 
     return apply
+
+
+template_var_option = click.option(
+    "--template-var",
+    "template_vars",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A variable for the chat template, as apply_chat_template's keyword arguments: e.g. "
+    "enable_thinking=false (Qwen3 answers without a thinking block). true/false and numbers are parsed; "
+    "repeat for several.",
+)
+
+
+def parse_template_vars(values: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with KEY a name", param_hint="--template-var")
+        lowered = raw.strip().lower()
+        value: Any = {"true": True, "false": False}.get(lowered, raw)
+        if value is raw:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = value
+    return out
+
+
+def with_variables(template: Any, variables: dict[str, Any]) -> Any:
+    """The bundle's chat template with --template-var values (None stays None: the chat then says why)."""
+    if template is None or not variables:
+        return template
+    return dataclasses.replace(template, variables={**template.variables, **variables})

@@ -5,7 +5,13 @@ from pathlib import Path
 
 import click
 
-from edgekit.cli.options import generation_options, runtime_options
+from edgekit.cli.options import (
+    generation_options,
+    parse_template_vars,
+    runtime_options,
+    template_var_option,
+    with_variables,
+)
 from edgekit.cli.output import emit_json
 from edgekit.runtime.generator import GenerationConfig, Generator, Token
 from edgekit.runtime.providers import RuntimeOptions
@@ -22,6 +28,7 @@ from edgekit.runtime.providers import RuntimeOptions
     help="PROMPT is a user message: render it with the bundle's chat template and print the reply only.",
 )
 @click.option("--system", metavar="TEXT", help="With --chat: the system prompt.")
+@template_var_option
 @runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON at the end.")
 def command(
@@ -31,6 +38,7 @@ def command(
     no_echo: bool,
     chat: bool,
     system: str | None,
+    template_vars: tuple[str, ...],
     provider: str,
     threads: int | None,
     affinity: str | None,
@@ -52,8 +60,9 @@ def command(
       edgekit run out/x "Hello" --provider xnnpack --threads 4 --json
       edgekit run out/smollm2-int4 --chat "What is the capital of France?" --system "Be brief."
     """
-    if system is not None and not chat:
-        raise click.UsageError("--system needs --chat")
+    if (system is not None or template_vars) and not chat:
+        raise click.UsageError("--system and --template-var need --chat")
+    variables = parse_template_vars(template_vars)
     options = RuntimeOptions(provider=provider, threads=threads, affinity=affinity, spin=not no_spin)
     gen = Generator(bundle, options, check_integrity=not no_integrity_check)
 
@@ -64,7 +73,7 @@ def command(
     on_token = None if as_json else show
     session = None
     if chat:
-        session = gen.chat_session(system)
+        session = gen.chat_session(system, with_variables(gen.chat_template, variables))
         result = session.reply(prompt, config, on_token=on_token)
     else:
         if not as_json and not no_echo:

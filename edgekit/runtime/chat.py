@@ -203,6 +203,8 @@ class ChatTemplate:
     bos_token: str | None = None
     eos_token: str | None = None
     end_of_turn: tuple[str, ...] = field(default=())
+    # extra variables every render passes, as apply_chat_template's **kwargs do (Qwen3: enable_thinking)
+    variables: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.end_of_turn:
@@ -241,6 +243,7 @@ class ChatTemplate:
             context["bos_token"] = self.bos_token
         if self.eos_token is not None:
             context["eos_token"] = self.eos_token
+        context.update(self.variables)
         context.update(extra)
         try:
             return template.render(messages=checked, add_generation_prompt=add_generation_prompt, **context)
