@@ -38,7 +38,7 @@ RECIPE_FLAGS = $(if $(call given,SKIP),--skip $(SKIP)) $(if $(call given,QUANT),
                $(if $(CONTEXT),--max-context $(CONTEXT))
 DEVICE_OUT   = $(OUT)/$(notdir $(patsubst %/,%,$(MODEL)))-$@
 
-.PHONY: laptop-avx2 laptop-avx512 pi4 pi5 android apple qnn recipes
+.PHONY: laptop-avx2 laptop-avx512 pi4 pi5 android apple qnn qnn-qdq recipes
 recipes: install  ## list the device recipes behind the targets below
 	$(BIN)/edgekit recipes
 
@@ -62,6 +62,9 @@ apple: models  ## Apple silicon (CoreML): standard graph, fp16, .ort + fixed sha
 
 qnn: models  ## Snapdragon NPU (QNN HTP): standard graph, fp16, fixed shapes
 	$(BIN)/edgekit export $(MODEL) --recipe qualcomm-npu $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
+
+qnn-qdq: models  ## Snapdragon NPU, integer path: fixed shapes statically QDQ-quantized (uint16/uint8) on --calib text
+	$(BIN)/edgekit export $(MODEL) --recipe qualcomm-npu-qdq $(RECIPE_FLAGS) -o $(DEVICE_OUT) --force
 
 test: models arm-tools  ## run the test suite (the real-model tests need `make models`)
 	$(BIN)/pytest

@@ -104,3 +104,38 @@ def test_inspect_places_every_graph_of_the_bundle_on_the_provider(npu_bundle):
     assert set(placed) == {"model", "prefill", "decode"}
     assert placed["decode"]["cpu_fallback"] == placed["prefill"]["cpu_fallback"] == 0
     assert placed["model"]["cpu_fallback_ops"]["MatMul"] > 10
+
+
+@pytest.fixture(scope="module")
+def qdq_bundle(tmp_path_factory, stories_path):
+    out = tmp_path_factory.mktemp("qnn-qdq") / "b"
+    recipe = get_recipe("qualcomm-npu-qdq")
+    quant = QuantConfig(mode=recipe.quant)
+    return export(
+        ExportRequest(model=str(stories_path), recipe=recipe, flavour=recipe.flavour, quant=quant, output=out)
+    ).bundle
+
+
+def test_the_qdq_pair_runs_on_htp_as_integers_and_stays_close_to_fp32(qdq_bundle):
+    import onnx
+
+    from edgekit.bundle.folder import read_bundle
+
+    qdq = read_bundle(qdq_bundle).manifest["fixed_shapes"]["qdq"]
+    assert (qdq["activations"], qdq["weights"]) == ("uint16", "uint8") and qdq["calib_feeds"]["decode"] > 50
+    decode = onnx.load(str(qdq_bundle / "fixed" / "decode.onnx"))
+    ops = {n.op_type for n in decode.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    weights = [i for i in decode.graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    assert sum(int(np.prod(w.dims)) for w in weights) > 200_000  # the MatMul weights are 8-bit now
+    gen = Generator(qdq_bundle, RuntimeOptions(provider="qnn"))
+    assert isinstance(gen.engine, FixedEngine)
+    # all but the graph-boundary conversions of the float inputs/outputs run on QNN
+    assert _on_qnn(gen.placement) > 0.97 * gen.placement.total, gen.placement.nodes
+    assert set(gen.placement.cpu_ops) <= {"QuantizeLinear", "DequantizeLinear"}
+    prompt = "Once upon a time, there was a little girl"  # a prompt the model is sure of; see BENCHMARKS.md
+    on_htp = gen.generate(prompt, _greedy(24)).token_ids
+    fp32 = Generator(qdq_bundle).generate(prompt, _greedy(24)).token_ids  # model.onnx stays fp32
+    same = next((i for i, (a, b) in enumerate(zip(on_htp, fp32, strict=True)) if a != b), 24)
+    assert same >= 16, (on_htp, fp32)
+    assert qdq["check_vs_fp32_cpu"]["top1"] > 0.9

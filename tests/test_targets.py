@@ -464,3 +464,14 @@ def test_recipes_cli_lists_and_shows(capsys):
     assert code == 0 and json.loads(out)["providers"] == [{"name": "CPUExecutionProvider", "options": {}}]
     code, out, err = _cli(capsys, "recipes", "show", "no-such-board")
     assert code == 1 and err.startswith("edgekit: error: unknown recipe 'no-such-board'")
+
+
+def test_a_qdq_recipe_needs_an_fp32_graph_with_fixed_shapes():
+    from edgekit.targets.recipes import parse_recipe
+
+    text = (RECIPES_DIR / "qualcomm-npu-qdq.yaml").read_text()
+    assert parse_recipe(text, "ok").qdq == {"activations": "uint16", "weights": "uint8"}
+    with pytest.raises(EdgekitError, match="needs fixed_shapes, quant fp32"):
+        parse_recipe(text.replace("quant: fp32", "quant: fp16"), "fp16")
+    with pytest.raises(EdgekitError, match="activations must be one of uint16, uint8"):
+        parse_recipe(text.replace("activations: uint16", "activations: int4"), "int4")

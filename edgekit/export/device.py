@@ -84,6 +84,8 @@ def finish_target(
             )
         fixed = make_fixed_variants(folder / "model.onnx", folder / FIXED_DIR, prefill, fixed_context)
         out["fixed_shapes"] = {"prefill_tokens": prefill, "context": fixed_context, "files": fixed}
+        if recipe.qdq:
+            out["fixed_shapes"]["qdq"] = _qdq(folder, req, ckpt, fixed, recipe.qdq)
     if recipe.emit_ort:
         runtime_opt = recipe.provider != "CPUExecutionProvider"
         out["ort_format"] = {
@@ -91,6 +93,24 @@ def finish_target(
             "optimization_style": "Runtime" if runtime_opt else "Fixed",
         }
     return out
+
+
+def _qdq(folder: Path, req: Any, ckpt: Checkpoint, fixed: dict[str, str], qdq: dict[str, str]) -> dict[str, Any]:
+    if req.quant.mode != "fp32":
+        raise EdgekitError(f"recipe {req.recipe.name}: QDQ quantizes an fp32 graph; --quant {req.quant.mode} conflicts")
+    from tokenizers import Tokenizer
+
+    from edgekit.export.qdq import quantize_fixed_pair
+    from edgekit.quality.analyze import default_calib
+
+    calib = req.calib or default_calib(ckpt)
+    try:
+        text = Path(calib).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgekitError(f"cannot read the calibration text {calib}: {e}") from e
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+    result = quantize_fixed_pair(folder, fixed, ids, qdq["activations"], qdq["weights"])
+    return {**result.to_manifest(), "calib": Path(calib).name}
 
 
 def add_target(

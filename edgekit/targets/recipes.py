@@ -136,6 +136,16 @@ def _fixed(v: Any) -> str | None:
     return None
 
 
+def _qdq(v: Any) -> str | None:
+    from edgekit.export.qdq import QDQ_ACTIVATIONS, QDQ_WEIGHTS
+
+    if not isinstance(v, dict) or set(v) != {"activations", "weights"}:
+        return "must be {activations: uint16|uint8, weights: uint8|int8}"
+    if v["activations"] not in QDQ_ACTIVATIONS or v["weights"] not in QDQ_WEIGHTS:
+        return f"activations must be one of {', '.join(QDQ_ACTIVATIONS)}, weights one of {', '.join(QDQ_WEIGHTS)}"
+    return None
+
+
 def _emulated(v: Any) -> str | None:
     if not isinstance(v, dict) or not v:
         return "must map emulated cores to verdicts, e.g. {cortex-a72: exact}"
@@ -183,6 +193,8 @@ SCHEMA: dict[str, dict[str, tuple[bool, Any]]] = {
     "mobile": {
         "emit_ort": (True, _bool),
         "fixed_shapes": (False, _fixed),
+        # static QDQ of the fixed pair, calibrated on --calib text (export/qdq.py), for integer NPUs
+        "qdq": (False, _qdq),
     },
 }
 
@@ -212,6 +224,7 @@ class Recipe:
     lm_head_bits: int | None = None
     kv_cache: str | None = None
     fixed_shapes: dict[str, int] | None = None
+    qdq: dict[str, str] | None = None
     emulated: dict[str, str] = field(default_factory=dict)
     source: Path | None = field(default=None, compare=False)
 
@@ -238,6 +251,7 @@ class Recipe:
             "isa_preset": {"name": self.isa_preset, **ISA_PRESETS[self.isa_preset]},
             "emit_ort": self.emit_ort,
             "fixed_shapes": self.fixed_shapes,
+            "qdq": self.qdq,
             "emulated": dict(self.emulated),
         }
 
@@ -272,6 +286,10 @@ def _validate(data: Any, where: str) -> dict[str, Any]:
         raise EdgekitError(f"{where}: device.reserved_gb: must be less than device.memory_gb")
     if flat["flavour"] == "standard" and flat["quant"] == "int4":
         raise EdgekitError(f"{where}: export.quant: the standard graph has no int4 path (mobile EPs lack one)")
+    if "qdq" in flat and ("fixed_shapes" not in flat or flat["quant"] != "fp32"):
+        raise EdgekitError(
+            f"{where}: mobile.qdq: quantizes the fixed-shape pair of an fp32 graph (needs fixed_shapes, quant fp32)"
+        )
     if flat["flavour"] == "standard" and flat.get("kv_cache") in ("int8", "int4"):
         raise EdgekitError(f"{where}: export.kv_cache: the standard graph has no quantized KV cache")
     return flat
