@@ -23,7 +23,7 @@ from edgekit.bundle.folder import open_bundle
 from edgekit.errors import EdgekitError
 from edgekit.runtime.fixed_engine import FixedEngine, open_fixed
 from edgekit.runtime.kv_engine import KVEngine
-from edgekit.runtime.providers import RuntimeOptions, create_session
+from edgekit.runtime.providers import RuntimeOptions, create_session, with_recipe_options
 
 GRAPHS = ("onnx", "ort", "fixed")
 # "exact": every greedy token and every top-1 equal, logits within EXACT_RELATIVE of their scale (what fp32
@@ -44,6 +44,7 @@ class ProbeJob:
     prompt_ids: list[int]  # greedy decoding starts after these
     new_tokens: int = 32
     threads: int | None = None
+    provider: str = "cpu"  # another provider gets the bundle's recipe options (soc_model for QNN, ...)
 
     @property
     def key(self) -> str:
@@ -79,6 +80,8 @@ class Agreement:
 def _engine(path: str, graph: str, options: RuntimeOptions) -> KVEngine | FixedEngine:
     bundle = open_bundle(path)
     manifest = bundle.manifest
+    if options.provider != "cpu":
+        options = with_recipe_options(options, manifest)
     if graph == "fixed":
         files = (manifest.get("fixed_shapes") or {}).get("files")
         if not files:
@@ -94,7 +97,7 @@ def _engine(path: str, graph: str, options: RuntimeOptions) -> KVEngine | FixedE
 
 
 def probe(job: ProbeJob) -> Probe:
-    engine = _engine(job.bundle, job.graph, RuntimeOptions(threads=job.threads))
+    engine = _engine(job.bundle, job.graph, RuntimeOptions(provider=job.provider, threads=job.threads))
     engine.reserve(max(len(job.text_ids), len(job.prompt_ids) + job.new_tokens))
     logits = np.asarray(engine.forward(job.text_ids, all_logits=True), np.float32)
     engine.reset()
