@@ -47,7 +47,7 @@ def test_qnn_resolves_through_its_plugin_and_is_listed():
 def test_the_fixed_graphs_run_whole_on_the_htp_simulator_and_agree_with_the_cpu(npu_bundle):
     opts = RuntimeOptions(provider="qnn", provider_options={"soc_model": "60", "htp_arch": "73"})
     for graph in ("prefill", "decode"):
-        _, placement = create_session(npu_bundle / "fixed" / f"{graph}.onnx", opts)
+        _, placement = create_session(npu_bundle / f"fixed-{graph}.onnx", opts)
         assert _on_qnn(placement) == placement.total > 300, placement.nodes
     # the dynamic graph: QNN takes a few nodes, the CPU the rest (what the fixed-window loop is for)
     _, placement = create_session(npu_bundle / "model.onnx", RuntimeOptions(provider="qnn"))
@@ -71,9 +71,9 @@ def test_on_qnn_the_runtime_drives_the_fixed_graphs_whole_and_generates_the_cpu_
 
 
 def test_the_fixed_window_engine_matches_one_prefill_of_the_dynamic_graph(npu_bundle):
-    """Chunks of P through fixed/prefill.onnx, then single tokens through fixed/decode.onnx, on the CPU: the
+    """Chunks of P through fixed-prefill.onnx, then single tokens through fixed-decode.onnx, on the CPU: the
     same logits as the dynamic graph's one prefill, and a rewind (chat's truncate) re-feeds correctly."""
-    fixed = {g: create_session(npu_bundle / "fixed" / f"{g}.onnx", RuntimeOptions())[0] for g in ("prefill", "decode")}
+    fixed = {g: create_session(npu_bundle / f"fixed-{g}.onnx", RuntimeOptions())[0] for g in ("prefill", "decode")}
     engine = FixedEngine(fixed["prefill"], fixed["decode"])
     ids = [1, *range(300, 380)]  # 81 tokens: two prefill chunks of 64, the second padded
     whole = DecoderSession(npu_bundle / "model.onnx").logits(ids)
@@ -123,7 +123,7 @@ def test_the_qdq_pair_runs_on_htp_as_integers_and_stays_close_to_fp32(qdq_bundle
 
     qdq = read_bundle(qdq_bundle).manifest["fixed_shapes"]["qdq"]
     assert (qdq["activations"], qdq["weights"]) == ("uint16", "uint8") and qdq["calib_feeds"]["decode"] > 50
-    decode = onnx.load(str(qdq_bundle / "fixed" / "decode.onnx"))
+    decode = onnx.load(str(qdq_bundle / "fixed-decode.onnx"))
     ops = {n.op_type for n in decode.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     weights = [i for i in decode.graph.initializer if i.data_type == onnx.TensorProto.UINT8]

@@ -313,15 +313,19 @@ def test_edgekit_runtime_runs_standard_bundles(android_bundle):
 
 
 def test_fixed_shape_variants_match_the_dynamic_graph(android_bundle):
-    fixed = android_bundle / "fixed"
-    pre = onnx.load(str(fixed / "prefill.onnx"), load_external_data=False)
+    fixed = android_bundle
+    pre = onnx.load(str(fixed / "fixed-prefill.onnx"), load_external_data=False)
     for vi in [*pre.graph.input, *pre.graph.output]:
         assert all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim), vi.name
     dyn = android_bundle / "model.onnx"
-    assert fixed_greedy(fixed / "prefill.onnx", fixed / "decode.onnx", PROMPT, 12) == _greedy(dyn, PROMPT, 12)
+    assert fixed_greedy(fixed / "fixed-prefill.onnx", fixed / "fixed-decode.onnx", PROMPT, 12) == _greedy(
+        dyn, PROMPT, 12
+    )
     # a prompt longer than the 64-token prefill window runs in left-padded chunks
     long_prompt = (PROMPT * 9)[:83]
-    assert fixed_greedy(fixed / "prefill.ort", fixed / "decode.ort", long_prompt, 8) == _greedy(dyn, long_prompt, 8)
+    assert fixed_greedy(fixed / "fixed-prefill.ort", fixed / "fixed-decode.ort", long_prompt, 8) == _greedy(
+        dyn, long_prompt, 8
+    )
 
 
 # --- onnxruntime-genai --------------------------------------------------------------------------------

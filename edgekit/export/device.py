@@ -12,7 +12,7 @@ from edgekit.checkpoint.load import Checkpoint
 from edgekit.errors import EdgekitError
 from edgekit.export.budget import MemoryEstimate, check_or_estimate
 from edgekit.export.graph import FLAVOURS, padded_head_dim
-from edgekit.export.mobile import FIXED_DIR, check_ort_size, convert_to_ort, make_fixed_variants
+from edgekit.export.mobile import check_ort_size, convert_to_ort, make_fixed_variants
 from edgekit.export.onnx_writer import GraphContract
 from edgekit.skip.skipset import SkipSet
 
@@ -82,7 +82,7 @@ def finish_target(
             raise EdgekitError(
                 f"recipe {recipe.name}: fixed prefill {prefill} must be below the context {fixed_context}"
             )
-        fixed = make_fixed_variants(folder / "model.onnx", folder / FIXED_DIR, prefill, fixed_context)
+        fixed = make_fixed_variants(folder / "model.onnx", prefill, fixed_context)
         out["fixed_shapes"] = {"prefill_tokens": prefill, "context": fixed_context, "files": fixed}
         if recipe.qdq:
             out["fixed_shapes"]["qdq"] = _qdq(folder, req, ckpt, fixed, recipe.qdq)

@@ -34,7 +34,10 @@ import onnx
 from edgekit.errors import EdgekitError
 
 ORT_FORMAT_LIMIT = 2 * 1024**3
-FIXED_DIR = "fixed"
+# The fixed pair sits next to model.onnx and shares its model.onnx.data: onnxruntime refuses external data
+# outside a model's own folder ("External data path escapes model directory"), so a fixed/ folder pointing
+# at ../model.onnx.data loaded only for models small enough to embed their weights.
+FIXED_FILES = {"prefill": "fixed-prefill.onnx", "decode": "fixed-decode.onnx"}
 OPS_CONFIG = "required_operators.config"
 
 
@@ -46,11 +49,10 @@ def check_ort_size(nbytes: int, what: str) -> None:
         )
 
 
-def make_fixed_variants(model_path: Path, out_dir: Path, prefill: int, context: int) -> dict[str, str]:
-    """Write prefill/decode variants of a dynamic standard graph with every dimension pinned."""
+def make_fixed_variants(model_path: Path, prefill: int, context: int) -> dict[str, str]:
+    """Write prefill/decode variants of a dynamic standard graph with every dimension pinned, beside it."""
     from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
 
-    out_dir.mkdir(exist_ok=True)
     written = {}
     for name, seq in (("prefill", prefill), ("decode", 1)):
         model = onnx.load(str(model_path), load_external_data=False)
@@ -63,13 +65,8 @@ def make_fixed_variants(model_path: Path, out_dir: Path, prefill: int, context: 
             ("total_sequence_length", context),
         ):
             make_dim_param_fixed(model.graph, dim, value)
-        for init in model.graph.initializer:  # external data sits next to model.onnx, one folder up
-            for entry in init.external_data:
-                if entry.key == "location":
-                    entry.value = f"../{entry.value}"
-        path = out_dir / f"{name}.onnx"
-        onnx.save_model(model, str(path))
-        written[name] = f"{out_dir.name}/{path.name}"
+        onnx.save_model(model, str(model_path.parent / FIXED_FILES[name]))
+        written[name] = FIXED_FILES[name]
     return written
 
 

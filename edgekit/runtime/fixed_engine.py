@@ -1,7 +1,7 @@
 """The fixed-shape prefill/decode pair behind KVEngine's interface, for providers that compile static shapes.
 
 QNN's HTP (and NNAPI, CoreML's Neural Engine) take a graph whole only when every dimension is fixed; the
-standard-flavour bundle of an NPU recipe carries `fixed/prefill.onnx` (P new tokens) and `fixed/decode.onnx`
+standard-flavour bundle of an NPU recipe carries `fixed-prefill.onnx` (P new tokens) and `fixed-decode.onnx`
 (1 new token), both over a C-slot, left-padded window (export/mobile.py has the contract). This engine keeps
 the last C slots of keys and values and their attention mask: a prompt goes in chunks of P (the first
 chunk's padding masked out), each generated token through the decode graph, and before every call the
