@@ -646,4 +646,4 @@ def test_template_var_reaches_the_template_from_the_command_line(bundle_factory,
     r = _edgekit("chat", bundle, "--template-var", "enable_thinking", stdin="hi\n")
     assert r.returncode == 2 and "KEY=VALUE" in r.stderr
     r = _edgekit("run", bundle, "hi", "--template-var", "enable_thinking=false")
-    assert r.returncode == 2 and "need --chat" in r.stderr
+    assert r.returncode == 2 and "--template-var needs --chat" in r.stderr

@@ -60,8 +60,9 @@ def command(
       edgekit run out/x "Hello" --provider xnnpack --threads 4 --json
       edgekit run out/smollm2-int4 --chat "What is the capital of France?" --system "Be brief."
     """
-    if (system is not None or template_vars) and not chat:
-        raise click.UsageError("--system and --template-var need --chat")
+    for given, name in ((system is not None, "--system"), (bool(template_vars), "--template-var")):
+        if given and not chat:
+            raise click.UsageError(f"{name} needs --chat")
     variables = parse_template_vars(template_vars)
     options = RuntimeOptions(provider=provider, threads=threads, affinity=affinity, spin=not no_spin)
     gen = Generator(bundle, options, check_integrity=not no_integrity_check)
