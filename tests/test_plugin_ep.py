@@ -48,7 +48,7 @@ def test_the_fixed_graphs_run_whole_on_the_htp_simulator_and_agree_with_the_cpu(
     opts = RuntimeOptions(provider="qnn", provider_options={"soc_model": "60", "htp_arch": "73"})
     for graph in ("prefill", "decode"):
         _, placement = create_session(npu_bundle / f"fixed-{graph}.onnx", opts)
-        assert _on_qnn(placement) == placement.total > 300, placement.nodes
+        assert _on_qnn(placement) == placement.total > 200, placement.nodes
     # the dynamic graph: QNN takes a few nodes, the CPU the rest (what the fixed-window loop is for)
     _, placement = create_session(npu_bundle / "model.onnx", RuntimeOptions(provider="qnn"))
     assert 0 < _on_qnn(placement) < placement.total
@@ -63,7 +63,7 @@ def test_on_qnn_the_runtime_drives_the_fixed_graphs_whole_and_generates_the_cpu_
     gen = Generator(npu_bundle, RuntimeOptions(provider="qnn"))
     assert gen.options.provider_options["soc_model"] == "60"  # from the bundle's recipe
     assert isinstance(gen.engine, FixedEngine)
-    assert _on_qnn(gen.placement) == gen.placement.total == 2 * 363, gen.placement.nodes  # prefill + decode
+    assert _on_qnn(gen.placement) == gen.placement.total > 400, gen.placement.nodes  # prefill + decode
     ours = gen.generate(prompt, _greedy(32)).token_ids
     cpu = Generator(npu_bundle).generate(prompt, _greedy(32)).token_ids
     assert isinstance(Generator(npu_bundle).engine, KVEngine)
@@ -139,3 +139,44 @@ def test_the_qdq_pair_runs_on_htp_as_integers_and_stays_close_to_fp32(qdq_bundle
     same = next((i for i, (a, b) in enumerate(zip(on_htp, fp32, strict=True)) if a != b), 24)
     assert same >= 16, (on_htp, fp32)
     assert qdq["check_vs_fp32_cpu"]["top1"] > 0.9
+
+
+def test_the_standard_rms_norm_survives_residual_values_whose_squares_overflow_fp16_on_htp(tmp_path):
+    """SmolLM2's residual stream reaches 24,215; HTP runs the norm's float32 in fp16, where 24,215² is inf.
+    The plain Pow/ReduceMean/Sqrt form gave zeros for such a row there (the fp16 SmolLM2 pair: ppl 892,645)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgekit.export.graph_standard import _Builder
+    from edgekit.export.onnx_writer import OPSET, GraphWriter, TensorSink
+
+    hidden, eps = 576, 1e-5
+    sink = TensorSink(tmp_path / "w.data")
+    g = GraphWriter(sink, QuantConfig(mode="fp16"))
+    gamma = np.random.default_rng(1).uniform(0.5, 1.5, hidden).astype(np.float32)
+    out = _Builder(g, QuantConfig(mode="fp16"), TensorProto.FLOAT16).rms_norm("x", gamma, eps, "/norm")
+    sink.close()
+    graph = helper.make_graph(
+        [*g.nodes, helper.make_node("Identity", [out], ["y"])],
+        "norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, hidden])],
+        sink.tensors,
+    )
+    path = tmp_path / "norm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10), path)
+
+    x = np.random.default_rng(0).standard_normal((1, 4, hidden)).astype(np.float32)
+    x[0, 0] *= 0.003  # rms near sqrt(eps): eps still counts
+    x[0, 2, 5] = 24215.0  # one massive activation
+    x[0, 3] *= 300.0  # every square past fp16's 65,504
+    x = x.astype(np.float16).astype(np.float32)
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * gamma
+    opts = RuntimeOptions(
+        provider="qnn", provider_options={"soc_model": "60", "htp_arch": "73", "enable_htp_fp16_precision": "1"}
+    )
+    session, placement = create_session(path, opts)
+    assert _on_qnn(placement) == placement.total
+    got = session.run(None, {"x": x.astype(np.float16)})[0].astype(np.float32)
+    scale = np.abs(want).max(-1)
+    assert (np.abs(got - want).max(-1) <= 0.01 * scale).all(), np.abs(got - want).max(-1)

@@ -4,8 +4,9 @@ Mobile execution providers (XNNPACK, NNAPI, CoreML, QNN) do not run onnxruntime'
 ops (GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization), so for them every piece is
 spelled out:
 
-    RMSNorm       Pow → ReduceMean → Add(eps) → Sqrt → Div → Mul(gamma), in float32 even for fp16 graphs
-                  (squares of residual values overflow fp16)
+    RMSNorm       Abs → ReduceMax → Sqrt → Div·Div (x into [-1, 1]) → square → ReduceMean → Add(eps/max²)
+                  → Sqrt → Div → Mul(gamma): float32 even in fp16 graphs, and no square overflows where an
+                  accelerator computes that float32 in fp16 (`_Builder.rms_norm`)
     rotary        positions = CumSum(attention_mask) - 1 (so left padding works), Gather of cos/sin rows,
                   x·cos + rotate_half(x)·sin with Slice/Neg/Concat
     attention     present = Concat(past, new) along the sequence; GQA by Tile-ing K/V heads; MatMul,
@@ -71,13 +72,44 @@ class _Builder:
         return out
 
     def rms_norm(self, x: str, gamma: np.ndarray, eps: float, label: str) -> str:
+        """x / sqrt(mean(x²) + eps) · gamma, computed on x scaled into [-1, 1] by its row's largest |x|.
+
+        Accelerators run float32 islands in fp16 (QNN HTP with enable_htp_fp16_precision, NNAPI relaxed,
+        CoreML), where x² overflows once |x| > 256: SmolLM2's residual stream reaches 24,215, and the plain
+        Pow/ReduceMean/Sqrt form zeroed those rows on QNN's simulator. Dividing by sqrt(max|x|) twice (a
+        reciprocal of max|x| itself is subnormal in fp16 and flushes to zero) leaves squares ≤ 1 and a mean
+        ≥ 1/hidden, so eps/max² may underflow where it is negligible. ONNX's RMSNormalization (opset 23)
+        would be one node, but onnxruntime-openvino 1.24 and the mobile EPs cannot load or take it.
+        """
         if self.fdt != TensorProto.FLOAT:
             x = self.op("Cast", [x], f"{label}/cast_in", to=TensorProto.FLOAT)
-        sq = self.op("Pow", [x, self.g.const("two_f32", np.array(2.0, np.float32))], f"{label}/Pow")
-        mean = self.op("ReduceMean", [sq, self.i64("axes_last", [-1])], f"{label}/ReduceMean", keepdims=1)
-        var = self.op("Add", [mean, self.g.const(f"{label}.eps", np.array(eps, np.float32))], f"{label}/Add")
-        std = self.op("Sqrt", [var], f"{label}/Sqrt")
-        normed = self.op("Div", [x, std], f"{label}/Div")
+        peak = self.op(
+            "ReduceMax",
+            [self.op("Abs", [x], f"{label}/rms/Abs"), self.i64("axes_last", [-1])],
+            f"{label}/rms/ReduceMax",
+            keepdims=1,
+        )
+        peak = self.op("Max", [peak, self.g.const("norm_floor_f32", np.array(1e-3, np.float32))], f"{label}/rms/Max")
+        root = self.op("Sqrt", [peak], f"{label}/rms/Sqrt_peak")
+        y = self.op("Div", [self.op("Div", [x, root], f"{label}/rms/Div_root1"), root], f"{label}/rms/Div_root2")
+        mean = self.op(
+            "ReduceMean",
+            [self.op("Mul", [y, y], f"{label}/rms/Square"), "axes_last"],
+            f"{label}/rms/ReduceMean",
+            keepdims=1,
+        )
+        eps_scaled = self.op(
+            "Div",
+            [
+                self.op(
+                    "Div", [self.g.const(f"{label}.eps", np.array(eps, np.float32)), peak], f"{label}/rms/Div_eps1"
+                ),
+                peak,
+            ],
+            f"{label}/rms/Div_eps2",
+        )
+        std = self.op("Sqrt", [self.op("Add", [mean, eps_scaled], f"{label}/rms/Add")], f"{label}/rms/Sqrt")
+        normed = self.op("Div", [y, std], f"{label}/rms/Div")
         if self.fdt != TensorProto.FLOAT:
             normed = self.op("Cast", [normed], f"{label}/cast_out", to=self.fdt)
         return self.op("Mul", [normed, self.g.float_const(f"{label}.weight", gamma)], f"{label}/Mul")
