@@ -9,7 +9,7 @@ QUANT   ?= int8
 ASK     ?= What is the capital of France? Answer in one word.
 OUT     ?= out
 
-.PHONY: help install models demo test check check-arm arm-tools lint bench bench-speed clean
+.PHONY: help install models demo test check check-arm check-eps arm-tools lint bench bench-speed clean
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-18s %s\n", $$1, $$2}'
@@ -69,7 +69,10 @@ qnn-qdq: models  ## Snapdragon NPU, integer path: fixed shapes statically QDQ-qu
 test: models arm-tools  ## run the test suite (the real-model tests need `make models`)
 	$(BIN)/pytest
 
-check: test check-arm  ## what CI runs: the test suite, then the aarch64 agreement matrix
+check: test check-arm check-eps  ## what CI runs: the test suite, the aarch64 agreement matrix, the EP coverage
+
+check-eps: models  ## every recipe's bundle on QNN's HTP simulator and OpenVINO (own environment): nodes, agreement (~5 min)
+	$(PYTHON) bench/ep_coverage.py
 
 # qemu's user-mode emulator runs PyPI's aarch64 onnxruntime here (edgekit verify --emulate, make check-arm).
 arm-tools:

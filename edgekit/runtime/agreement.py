@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from edgekit.bundle.folder import open_bundle
 from edgekit.errors import EdgekitError
 from edgekit.runtime.fixed_engine import FixedEngine, open_fixed
 from edgekit.runtime.kv_engine import KVEngine
-from edgekit.runtime.providers import RuntimeOptions, create_session, with_recipe_options
+from edgekit.runtime.providers import Placement, RuntimeOptions, create_session, with_recipe_options
 
 GRAPHS = ("onnx", "ort", "fixed")
 # "exact": every greedy token and every top-1 equal, logits within EXACT_RELATIVE of their scale (what fp32
@@ -45,6 +45,7 @@ class ProbeJob:
     new_tokens: int = 32
     threads: int | None = None
     provider: str = "cpu"  # another provider gets the bundle's recipe options (soc_model for QNN, ...)
+    provider_options: dict[str, str] = field(default_factory=dict)  # over the recipe's
 
     @property
     def key(self) -> str:
@@ -55,6 +56,7 @@ class ProbeJob:
 class Probe:
     greedy: list[int]
     logits: np.ndarray  # [len(text_ids), vocab] float32
+    nodes: dict[str, int] = field(default_factory=dict)  # graph nodes per execution provider, as partitioned
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class Agreement:
         return f"{self.verdict:7s} {same}, top-1 {100 * self.top1:.1f}%, max |dlogit| {self.max_abs_dlogit:.2g}, {ppl}"
 
 
-def _engine(path: str, graph: str, options: RuntimeOptions) -> KVEngine | FixedEngine:
+def _engine(path: str, graph: str, options: RuntimeOptions) -> tuple[KVEngine | FixedEngine, Placement]:
     bundle = open_bundle(path)
     manifest = bundle.manifest
     if options.provider != "cpu":
@@ -86,18 +88,19 @@ def _engine(path: str, graph: str, options: RuntimeOptions) -> KVEngine | FixedE
         files = (manifest.get("fixed_shapes") or {}).get("files")
         if not files:
             raise EdgekitError(f"bundle {bundle.path} has no fixed-shape graphs")
-        return open_fixed(bundle.path, files, options)[0]
+        return open_fixed(bundle.path, files, options)
     if graph not in GRAPHS:
         raise EdgekitError(f"graph {graph!r}: expected one of {', '.join(GRAPHS)}")
     model = bundle.model_file if graph == "onnx" else bundle.model_file.with_suffix(".ort")
     if model.relative_to(bundle.path).as_posix() not in manifest["files"]:
         raise EdgekitError(f"bundle {bundle.path} has no {model.name}")
-    session = create_session(model, options)[0]
-    return KVEngine(session, 0, shared=manifest["graph"].get("flavour") != "standard")
+    session, placement = create_session(model, options)
+    return KVEngine(session, 0, shared=manifest["graph"].get("flavour") != "standard"), placement
 
 
 def probe(job: ProbeJob) -> Probe:
-    engine = _engine(job.bundle, job.graph, RuntimeOptions(provider=job.provider, threads=job.threads))
+    options = RuntimeOptions(provider=job.provider, threads=job.threads, provider_options=dict(job.provider_options))
+    engine, placement = _engine(job.bundle, job.graph, options)
     engine.reserve(max(len(job.text_ids), len(job.prompt_ids) + job.new_tokens))
     logits = np.asarray(engine.forward(job.text_ids, all_logits=True), np.float32)
     engine.reset()
@@ -108,7 +111,7 @@ def probe(job: ProbeJob) -> Probe:
         if len(greedy) == job.new_tokens:
             break
         row = engine.forward(greedy[-1:])[0]
-    return Probe(greedy, logits)
+    return Probe(greedy, logits, dict(placement.nodes))
 
 
 def text_perplexity(logits: np.ndarray, text_ids: list[int]) -> float:
@@ -138,12 +141,13 @@ def compare(host: Probe, other: Probe, text_ids: list[int]) -> Agreement:
 
 
 def write_probe(result: Probe, path: Path) -> None:
-    np.savez(path, greedy=np.asarray(result.greedy, np.int64), logits=result.logits)
+    np.savez(path, greedy=np.asarray(result.greedy, np.int64), logits=result.logits, nodes=json.dumps(result.nodes))
 
 
 def read_probe(path: Path) -> Probe:
     with np.load(path) as data:
-        return Probe([int(t) for t in data["greedy"]], data["logits"])
+        nodes = json.loads(str(data["nodes"])) if "nodes" in data else {}
+        return Probe([int(t) for t in data["greedy"]], data["logits"], nodes)
 
 
 def jobs_to_file(jobs: list[ProbeJob], path: Path) -> None:

@@ -8,6 +8,7 @@ memory or heat, which only the board can tell.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 import time
@@ -93,34 +94,41 @@ def _edgekit_on_path(work: Path) -> Path:
     return folder
 
 
-def run_on_core(
-    env: ArmEnvironment, core: str, jobs: list[ProbeJob], timeout: float = 3600
+def run_probe_process(
+    cmd: list[str], env: dict[str, str], jobs: list[ProbeJob], what: str, timeout: float = 3600
 ) -> tuple[list[Probe | str], float]:
-    """Each job's probe (or its one-line error) from the emulated core, and the guest's wall seconds."""
-    with tempfile.TemporaryDirectory(prefix="edgekit-emulate-") as tmp_name:
+    """Jobs run by `cmd + [-m edgekit.runtime.agreement JOBS OUT]` in another Python (an emulated core, a
+    separate onnxruntime build): each job's probe or its one-line error, and the process's wall seconds."""
+    with tempfile.TemporaryDirectory(prefix="edgekit-probe-") as tmp_name:
         work = Path(tmp_name)
         jobs_to_file(jobs, work / "jobs.json")
-        cmd = guest_command(env, core, ["-m", "edgekit.runtime.agreement", str(work / "jobs.json"), str(work / "out")])
+        args = ["-m", "edgekit.runtime.agreement", str(work / "jobs.json"), str(work / "out")]
         start = time.perf_counter()
         try:
-            proc = subprocess.run(
-                cmd,
-                env=guest_env(core, [env.site, _edgekit_on_path(work)]),
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
+            env = {
+                **env,
+                "PYTHONPATH": os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(_edgekit_on_path(work))])),
+            }
+            proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            raise EdgekitError(f"the emulated {core} run took longer than {timeout:.0f} s") from e
+            raise EdgekitError(f"the {what} run took longer than {timeout:.0f} s") from e
         seconds = time.perf_counter() - start
         if proc.returncode:
             tail = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()[-1]
-            raise EdgekitError(f"the emulated {core} run failed: {tail}")
+            raise EdgekitError(f"the {what} run failed: {tail}")
         results: list[Probe | str] = []
         for i in range(len(jobs)):
             npz, err = work / "out" / f"{i}.npz", work / "out" / f"{i}.error"
             results.append(read_probe(npz) if npz.is_file() else err.read_text(encoding="utf-8"))
         return results, seconds
+
+
+def run_on_core(
+    env: ArmEnvironment, core: str, jobs: list[ProbeJob], timeout: float = 3600
+) -> tuple[list[Probe | str], float]:
+    """Each job's probe (or its one-line error) from the emulated core, and the guest's wall seconds."""
+    cmd = guest_command(env, core, [])
+    return run_probe_process(cmd, guest_env(core, [env.site]), jobs, f"emulated {core}", timeout)
 
 
 def check_cores(
