@@ -17,7 +17,7 @@ from edgekit.checkpoint.load import ModelSpec
 from edgekit.cli import main
 from edgekit.errors import EdgekitError
 from edgekit.export.budget import check_budget, estimate_memory
-from edgekit.export.mobile import check_ort_size, fixed_greedy
+from edgekit.export.mobile import check_ort_size, fixed_greedy, graph_bytes
 from edgekit.export.pipeline import ExportRequest, export
 from edgekit.export.quantize import QuantConfig
 from edgekit.runtime.generator import GenerationConfig, Generator
@@ -233,6 +233,27 @@ def test_cli_budget_refusal_is_one_line_and_writes_nothing(tmp_path, capsys):
 def test_ort_format_refuses_over_2gb():
     with pytest.raises(EdgekitError, match="at most 2 GB"):
         check_ort_size(2 * 1024**3 + 1, "model.onnx")
+
+
+def test_a_graphs_size_counts_its_shared_data_file_once(tmp_path):
+    """SmolLM2's android export was refused as "98.85 GB": the 168 MB data file was counted once per tensor."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    weights = [numpy_helper.from_array(np.full((64, 64), i, np.float32), f"w{i}") for i in range(5)]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["w0", "w1"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])],
+        weights,
+    )
+    model = helper.make_model(graph)
+    convert_model_to_external_data(model, location="model.onnx.data", size_threshold=0)
+    onnx.save(model, tmp_path / "model.onnx")
+    data = (tmp_path / "model.onnx.data").stat().st_size
+    assert data >= 5 * 64 * 64 * 4
+    assert graph_bytes(tmp_path / "model.onnx") == (tmp_path / "model.onnx").stat().st_size + data
 
 
 # --- standard graph, ORT format, fixed shapes ---------------------------------------------------------

@@ -49,6 +49,13 @@ def check_ort_size(nbytes: int, what: str) -> None:
         )
 
 
+def graph_bytes(path: Path) -> int:
+    """A graph file's size plus its external data files', each file once (its tensors share it)."""
+    model = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
+
+
 def make_fixed_variants(model_path: Path, prefill: int, context: int) -> dict[str, str]:
     """Write prefill/decode variants of a dynamic standard graph with every dimension pinned, beside it."""
     from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
@@ -80,14 +87,7 @@ def convert_to_ort(folder: Path, models: list[str], runtime_optimizations: bool)
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     for rel in models:
-        p = folder / rel
-        size = p.stat().st_size + sum(
-            (p.parent / e.value).stat().st_size
-            for t in onnx.load(str(p), load_external_data=False).graph.initializer
-            for e in t.external_data
-            if e.key == "location"
-        )
-        check_ort_size(size, rel)
+        check_ort_size(graph_bytes(folder / rel), rel)
     style = OptimizationStyle.Runtime if runtime_optimizations else OptimizationStyle.Fixed
     suffix = ".with_runtime_opt" if runtime_optimizations else ""
     out: dict[str, str] = {}
