@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -94,11 +95,15 @@ def convert_to_ort(folder: Path, models: list[str], runtime_optimizations: bool)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".ort-") as tmp_name:
         tmp = Path(tmp_name)
         stage = tmp / "in"
-        for rel in models:  # stage only the graphs to convert; external data is linked, not copied
+        for rel in models:  # stage only the graphs to convert; external data is hard-linked, not copied
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / rel, stage / rel)
         for data in folder.glob("*.onnx.data"):
-            (stage / data.name).symlink_to(data.resolve())
+            # not a symlink: onnxruntime 1.32 resolves it and refuses data outside the model's folder
+            try:
+                os.link(data, stage / data.name)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(data, stage / data.name)
         log = io.StringIO()
         logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # it logs every config it writes
         try:
