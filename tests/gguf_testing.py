@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize, quantize
 
 CHATML_TEMPLATE = (
@@ -24,6 +25,35 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
         .swapaxes(1, 2)
         .reshape(weights.shape)
     )
+
+
+def random_kquant(rows: int, cols: int, qt: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
+    """Random Q4_K / Q6_K blocks (gguf.quants dequantizes these but cannot quantize them): random quants
+    and sub-scales, with the fp16 super-block scales set to small finite values so no block is inf/NaN."""
+    block, size = GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    # weights of about ±0.05, like the other writers': |w| <= d·63·15 (Q4_K), d·32·32 (Q6_K)
+    d = 5e-5 if qt == GGMLQuantizationType.Q4_K else 5e-5
+    scale = (rng.uniform(0.5, 1.0, (rows, cols // block, 1)) * d).astype(np.float16).view(np.uint8)
+    if qt == GGMLQuantizationType.Q4_K:  # d, dmin, scales[12], qs[128]
+        raw[..., 0:2] = scale
+        raw[..., 2:4] = (scale.view(np.float16) * 0.5).view(np.uint8)
+    elif qt == GGMLQuantizationType.Q6_K:  # ql[128], qh[64], scales[16] (int8), d
+        raw[..., 192:208] = rng.integers(-32, 32, (rows, cols // block, 16)).astype(np.int8).view(np.uint8)
+        raw[..., 208:210] = scale
+    else:
+        raise ValueError(f"no random writer for {qt.name}")
+    return raw.reshape(rows, -1)
+
+
+KQUANTS = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K)
+
+# HF names of the norms a gemma3 GGUF holds (beyond attn_norm and output_norm), by GGUF name
+GEMMA3_NORMS = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -57,12 +87,16 @@ def write_random_gguf(
     rms_eps: float = 1e-5,
     seed: int = 0,
     extra_tensors: dict[str, np.ndarray] | None = None,
+    layer_qtypes: dict[str, str] | None = None,
+    sliding_window: int = 4,
 ) -> dict[str, np.ndarray]:
     """Write a random llama/qwen2/qwen3-shaped GGUF and return its weights by HF name, in HF layout.
 
     `qtype` (F32, F16 or a type gguf.quants quantizes: Q8_0, Q4_0, Q4_1) applies to the 2-D matrices,
-    `embed_qtype` (default: qtype) to the token embedding, as SmolLM2's Q4_1 file keeps it Q8_0; norms and
-    biases stay F32 as in llama.cpp. The returned arrays are what a correct reader must produce: for
+    `embed_qtype` (default: qtype) to the token embedding, as SmolLM2's Q4_1 file keeps it Q8_0, and
+    `layer_qtypes` (GGUF short name such as "attn_v" -> type) to one kind of layer matrix, as Q4_K_M files
+    mix Q4_K, Q5_0 and Q6_K; Q4_K/Q6_K blocks are random (gguf.quants cannot quantize them). Norms and
+    biases stay F32 as in llama.cpp; for gemma3 norms are stored as 1 + w, as convert_hf_to_gguf.py does. The returned arrays are what a correct reader must produce: for
     quantized types they are already round-tripped through the quantizer, so comparisons can be exact. Q/K rows are
     permuted for the llama arch exactly as llama.cpp does, so a reader's un-permute is tested.
     With `tokenizer=True` a tiny byte-level BPE vocabulary with ChatML specials is embedded and the
@@ -92,8 +126,12 @@ def write_random_gguf(
     writer.add_layer_norm_rms_eps(rms_eps)
     writer.add_rope_freq_base(rope_theta)
     writer.add_rope_dimension_count(head_dim)
+    if arch == "gemma3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(sliding_window)
     writer.add_vocab_size(vocab_size)
-    writer.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}.get(qtype, 7))
+    writer.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 15}.get(qtype, 7))
     if tokens is not None:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
@@ -107,8 +145,14 @@ def write_random_gguf(
     expected: dict[str, np.ndarray] = {}
 
     def put(gguf_name: str, hf_name: str, value: np.ndarray, *, permute_heads: int | None = None, qt=qt) -> None:
+        short = gguf_name.split(".")[-2]
+        if layer_qtypes and short in layer_qtypes:
+            qt = GGMLQuantizationType[layer_qtypes[short]]
         stored = value
-        if value.ndim == 2 and qt != GGMLQuantizationType.F32:
+        if value.ndim == 2 and qt in KQUANTS:
+            stored = random_kquant(*value.shape, qt, rng)
+            value = dequantize(stored, qt).astype(np.float32).reshape(value.shape)
+        elif value.ndim == 2 and qt != GGMLQuantizationType.F32:
             # Quantize in HF row order, then dequantize: the permutation moves whole rows and blocks never
             # cross rows, so this is also exactly what the reader must return after un-permuting.
             raw = quantize(value, qt)
@@ -120,6 +164,8 @@ def write_random_gguf(
             writer.add_tensor(gguf_name, np.ascontiguousarray(stored), raw_dtype=qt)
         else:
             writer.add_tensor(gguf_name, np.ascontiguousarray(stored))
+        if arch == "gemma3" and gguf_name.endswith("norm.weight"):
+            value = value - np.float32(1.0)  # what the GGUF means in HF terms
         expected[hf_name] = value
 
     embed_qt = GGMLQuantizationType[embed_qtype] if embed_qtype else qt
@@ -144,11 +190,15 @@ def write_random_gguf(
             put(f"blk.{i}.attn_q.bias", f"{hf}.self_attn.q_proj.bias", norm(heads * head_dim) - 1.0)
             put(f"blk.{i}.attn_k.bias", f"{hf}.self_attn.k_proj.bias", norm(kv_heads * head_dim) - 1.0)
             put(f"blk.{i}.attn_v.bias", f"{hf}.self_attn.v_proj.bias", norm(kv_heads * head_dim) - 1.0)
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             put(f"blk.{i}.attn_q_norm.weight", f"{hf}.self_attn.q_norm.weight", norm(head_dim) + 0.3 * norm(head_dim))
             put(f"blk.{i}.attn_k_norm.weight", f"{hf}.self_attn.k_norm.weight", norm(head_dim) - 0.3 * norm(head_dim))
         put(f"blk.{i}.attn_output.weight", f"{hf}.self_attn.o_proj.weight", mat(hidden, heads * head_dim))
-        put(f"blk.{i}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight", norm(hidden))
+        if arch == "gemma3":
+            for gguf_norm, hf_norm in GEMMA3_NORMS.items():
+                put(f"blk.{i}.{gguf_norm}.weight", f"{hf}.{hf_norm}.weight", norm(hidden))
+        else:
+            put(f"blk.{i}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight", norm(hidden))
         put(f"blk.{i}.ffn_gate.weight", f"{hf}.mlp.gate_proj.weight", mat(intermediate, hidden))
         put(f"blk.{i}.ffn_up.weight", f"{hf}.mlp.up_proj.weight", mat(intermediate, hidden))
         put(f"blk.{i}.ffn_down.weight", f"{hf}.mlp.down_proj.weight", mat(hidden, intermediate))

@@ -26,7 +26,10 @@ class WeightNames:
     o: str = "model.layers.{i}.self_attn.o_proj.weight"
     q_norm: str = "model.layers.{i}.self_attn.q_norm.weight"  # per-head RMSNorm of q and k (Qwen3)
     k_norm: str = "model.layers.{i}.self_attn.k_norm.weight"
-    post_norm: str = "model.layers.{i}.post_attention_layernorm.weight"
+    post_norm: str = "model.layers.{i}.post_attention_layernorm.weight"  # the norm before the MLP
+    # "sandwich" norms on a sublayer's output before it joins the residual stream (Gemma 3); "" if none
+    attn_out_norm: str = ""
+    mlp_out_norm: str = ""
     gate: str = "model.layers.{i}.mlp.gate_proj.weight"
     up: str = "model.layers.{i}.mlp.up_proj.weight"
     down: str = "model.layers.{i}.mlp.down_proj.weight"
@@ -41,7 +44,24 @@ class WeightNames:
         return out
 
     def mlp_weights(self, i: int) -> list[str]:
-        return [n.format(i=i) for n in (self.post_norm, self.gate, self.up, self.down)]
+        return [n.format(i=i) for n in (self.post_norm, self.gate, self.up, self.down, self.mlp_out_norm) if n]
+
+
+@dataclass(frozen=True)
+class LayerModules:
+    """Attribute names of a transformers decoder layer's norms (surgery and the layerwise model use them)."""
+
+    mlp_norm: str = "post_attention_layernorm"
+    attn_out_norm: str = ""  # applied to the attention output before the residual add; "" if none
+    mlp_out_norm: str = ""
+
+
+GEMMA3_NAMES = WeightNames(
+    post_norm="model.layers.{i}.pre_feedforward_layernorm.weight",
+    attn_out_norm="model.layers.{i}.post_attention_layernorm.weight",
+    mlp_out_norm="model.layers.{i}.post_feedforward_layernorm.weight",
+)
+GEMMA3_MODULES = LayerModules("pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
 
 
 @dataclass(frozen=True)
@@ -52,9 +72,17 @@ class Family:
     qk_norm: bool = False  # an RMSNorm over each head of q and k before rotary
     uses_sliding_window: bool = False
     names: WeightNames = WeightNames()
+    modules: LayerModules = LayerModules()
+    activation: str = "silu"  # the gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    activation_keys: tuple[str, ...] = ("hidden_act",)  # config keys that name it, first found wins
+    accepted_activations: tuple[str, ...] = ("silu", "swish")
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + weight): Gemma stores weight - 1
+    scaled_embedding: bool = False  # the embedding output times sqrt(hidden) (Gemma)
+    local_global_layers: bool = False  # config.layer_types mixes sliding-window and full-attention layers
 
     def attention_weights(self, i: int) -> list[str]:
-        return self.names.attention_weights(i, self.qkv_bias, self.qk_norm)
+        names = self.names.attention_weights(i, self.qkv_bias, self.qk_norm)
+        return names + ([self.names.attn_out_norm.format(i=i)] if self.names.attn_out_norm else [])
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -62,6 +90,20 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral", ("mistral",), uses_sliding_window=True),
     Family("qwen2", ("qwen2",), qkv_bias=True, uses_sliding_window=True),
     Family("qwen3", ("qwen3",), qk_norm=True, uses_sliding_window=True),
+    Family(
+        "gemma3",
+        ("gemma3_text",),
+        qk_norm=True,
+        uses_sliding_window=True,
+        names=GEMMA3_NAMES,
+        modules=GEMMA3_MODULES,
+        activation="gelu_tanh",
+        activation_keys=("hidden_activation", "hidden_act"),
+        accepted_activations=("gelu_pytorch_tanh",),
+        norm_offset=1.0,
+        scaled_embedding=True,
+        local_global_layers=True,
+    ),
 )
 
 # Rotary variants whose inverse frequencies are fixed at load time, so a cos/sin table baked into the
@@ -84,16 +126,25 @@ def family_for(config: Any) -> Family:
 
 def check_supported(config: Any, family: Family) -> None:
     """Refuse configurations whose graph edgekit would build wrongly, rather than export them silently."""
-    act = getattr(config, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise EdgekitError(f"unsupported activation '{act}': edgekit's graph implements SiLU-gated MLPs")
+    act = next((getattr(config, k) for k in family.activation_keys if getattr(config, k, None)), "silu")
+    if act not in family.accepted_activations:
+        raise EdgekitError(
+            f"unsupported activation '{act}' for {family.name}: edgekit's graph implements "
+            f"{' or '.join(family.accepted_activations)} there"
+        )
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, key, None) is not None:
+            raise EdgekitError(f"unsupported: {key} (tanh soft-capping, Gemma 2) is not in edgekit's graph")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise EdgekitError("unsupported: bidirectional attention (an encoder, not a decoder)")
     if getattr(config, "mlp_bias", False):
         raise EdgekitError("unsupported: MLP projections with bias")
     if getattr(config, "attention_bias", False) and not family.qkv_bias:
         raise EdgekitError("unsupported: attention projections with bias in a family that does not expect them")
-    rope = rope_parameters(config)
-    if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
-        raise EdgekitError(f"unsupported rotary scaling '{rope.get('rope_type')}': only static tables are exported")
+    for layer_type in layer_kinds(config, family):
+        rope = rope_parameters(config, layer_type)
+        if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
+            raise EdgekitError(f"unsupported rotary scaling '{rope.get('rope_type')}': only static tables are exported")
     heads, kv_heads = (
         config.num_attention_heads,
         getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
@@ -101,13 +152,29 @@ def check_supported(config: Any, family: Family) -> None:
     if heads % kv_heads:
         raise EdgekitError(f"unsupported: {heads} attention heads do not divide into {kv_heads} KV heads")
     layer_types = set(getattr(config, "layer_types", None) or ())
-    if len(layer_types) > 1:
+    if len(layer_types) > 1 and not family.local_global_layers:
         raise EdgekitError(
-            f"unsupported: layers of different attention kinds ({', '.join(sorted(layer_types))}); edgekit's graph "
-            "gives every layer the same window"
+            f"unsupported: layers of different attention kinds ({', '.join(sorted(layer_types))}) in "
+            f"{family.name}; edgekit's graph gives every layer of this family the same window"
         )
+    unknown = layer_types - set(LAYER_TYPES)
+    if unknown:
+        raise EdgekitError(f"unsupported layer type(s) {', '.join(sorted(unknown))}: edgekit knows {LAYER_TYPES}")
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return dict(params)
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_kinds(config: Any, family: Family) -> tuple[str, ...]:
+    """The distinct rotary tables a model needs: one per layer type where the family keys rotary by it
+    (Gemma 3: local layers 10k, global 1M), else one shared table ("")."""
+    if not family.local_global_layers:
+        return ("",)
+    return tuple(sorted(set(getattr(config, "layer_types", None) or ("full_attention",))))
+
+
+def rope_parameters(config: Any, layer_type: str = "") -> dict[str, Any]:
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if layer_type and isinstance(params.get(layer_type), dict):  # keyed by layer type (Gemma 3)
+        return dict(params[layer_type])
+    return params

@@ -59,8 +59,10 @@ class GGUFWeights:
         num_heads: int,
         num_kv_heads: int,
         permuted_qk: bool,
+        norm_shift: float = 0.0,
     ) -> None:
         self._reader = reader
+        self._norm_shift = np.float32(norm_shift)
         self._tensors = tensors
         self._heads = {"self_attn.q_proj.": num_heads, "self_attn.k_proj.": num_kv_heads}
         self._permuted_qk = permuted_qk
@@ -96,6 +98,8 @@ class GGUFWeights:
         else:
             out[...] = dequantize(data, tensor.tensor_type).reshape(shape)
         self._release_pages(tensor)
+        if self._norm_shift and hf_name.endswith("norm.weight"):
+            out -= self._norm_shift
         return self._unpermute(hf_name, out)
 
     def raw(self, hf_name: str) -> tuple[str, np.ndarray, tuple[int, ...]]:
@@ -280,11 +284,17 @@ def _build_config(
             config.pop(key, None)
         else:
             config[key] = value
+    if spec.finish_config is not None:
+        spec.finish_config(config, lambda key, default: metadata_field(reader, f"{arch}.{key}", default))
     return config
 
 
+def _layer_names(arch: str) -> dict[str, str]:
+    return {**_LAYER_NAMES, **dict(_ARCHITECTURES[arch].extra_layer_names)}
+
+
 def _map_tensors(reader: GGUFReader, arch: str, path: Path) -> dict[str, ReaderTensor]:
-    layer_names = {**_LAYER_NAMES, **dict(_ARCHITECTURES[arch].extra_layer_names)}
+    layer_names = _layer_names(arch)
     mapped: dict[str, ReaderTensor] = {}
     for tensor in reader.tensors:
         name = tensor.name
@@ -306,7 +316,7 @@ def _map_tensors(reader: GGUFReader, arch: str, path: Path) -> dict[str, ReaderT
 
 def _check_complete(mapped: dict[str, ReaderTensor], arch: str, n_layers: int, path: Path) -> None:
     required = ["model.embed_tokens.weight", "model.norm.weight"]
-    per_layer = [*_LAYER_NAMES.values(), *(hf for _, hf in _ARCHITECTURES[arch].extra_layer_names)]
+    per_layer = list(_layer_names(arch).values())
     required += [f"model.layers.{i}.{n}" for i in range(n_layers) for n in per_layer]
     missing = [n for n in required if n not in mapped]
     if missing:
@@ -328,7 +338,12 @@ def read_gguf(path: Path) -> GGUFModel:
     heads = int(_required(reader, f"{arch}.attention.head_count"))
     kv_heads = int(metadata_field(reader, f"{arch}.attention.head_count_kv", heads))
     weights = GGUFWeights(
-        reader, mapped, num_heads=heads, num_kv_heads=kv_heads, permuted_qk=_ARCHITECTURES[arch].permuted_qk
+        reader,
+        mapped,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        permuted_qk=_ARCHITECTURES[arch].permuted_qk,
+        norm_shift=_ARCHITECTURES[arch].norm_shift,
     )
     config = _build_config(reader, arch, mapped, weights)
     tensor_types = {name: t.tensor_type.name for name, t in mapped.items()}

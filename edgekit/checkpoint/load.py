@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import re
 import warnings
@@ -43,6 +44,20 @@ class ModelSpec:
     sliding_window: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    attn_scale: float = 0.0  # the factor on q·k; 1/sqrt(head_dim) unless the config says otherwise
+    layer_types: tuple[str, ...] = ()  # per layer: "sliding_attention" (windowed) or "full_attention"
+    rope_by_layer_type: bool = False  # each layer type has its own rotary table (Gemma 3)
+
+    def window(self, i: int, context: int) -> int | None:
+        """Layer i's sliding window, or None where it attends to the whole `context`."""
+        sliding = not self.layer_types or self.layer_types[i] == "sliding_attention"
+        if sliding and self.sliding_window and self.sliding_window < context:
+            return self.sliding_window
+        return None
+
+    def rope_kind(self, i: int) -> str:
+        """The rotary table layer i uses ("" where all layers share one)."""
+        return self.layer_types[i] if self.rope_by_layer_type else ""
 
     @staticmethod
     def from_config(config: Any, family: Family) -> ModelSpec:
@@ -52,13 +67,18 @@ class ModelSpec:
         window = getattr(config, "sliding_window", None) if family.uses_sliding_window else None
         if family.name == "qwen2" and not getattr(config, "use_sliding_window", False):
             window = None
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layer_types: tuple[str, ...] = ()
+        if family.local_global_layers:
+            layer_types = tuple(getattr(config, "layer_types", None) or ("full_attention",) * config.num_hidden_layers)
+        scalar = getattr(config, "query_pre_attn_scalar", None) or head_dim
         return ModelSpec(
             num_layers=config.num_hidden_layers,
             hidden=config.hidden_size,
             intermediate=config.intermediate_size,
             heads=heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            head_dim=head_dim,
             vocab=config.vocab_size,
             max_context=config.max_position_embeddings,
             rms_eps=config.rms_norm_eps,
@@ -66,6 +86,9 @@ class ModelSpec:
             sliding_window=window,
             bos_token_id=getattr(config, "bos_token_id", None),
             eos_token_ids=eos_ids,
+            attn_scale=1.0 / math.sqrt(scalar),
+            layer_types=layer_types,
+            rope_by_layer_type=family.local_global_layers,
         )
 
     def to_manifest(self, context: int) -> dict[str, Any]:
@@ -82,7 +105,13 @@ class ModelSpec:
             "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_ids": list(self.eos_token_ids),
+            **self._layer_kinds_manifest(),
         }
+
+    def _layer_kinds_manifest(self) -> dict[str, Any]:
+        if not self.layer_types:
+            return {}
+        return {"layer_types": list(self.layer_types), "sliding_window": self.sliding_window}
 
     def kv_bytes_per_token(self, kept_layers: int, bytes_per_value: int = 4) -> int:
         return 2 * kept_layers * self.kv_heads * self.head_dim * bytes_per_value
@@ -99,6 +128,11 @@ class Checkpoint:
     weight_files: list[Path]
     weights: WeightSource | GGUFWeights = field(repr=False)
     source: dict[str, Any] = field(default_factory=dict)  # extra provenance for the manifest (e.g. gguf)
+
+    def norm_weight(self, name: str) -> np.ndarray:
+        """An RMSNorm's effective gamma: the stored weight plus the family's offset (Gemma stores w - 1)."""
+        w = self.weights.get(name)
+        return (w + np.float32(self.family.norm_offset)).astype(np.float32) if self.family.norm_offset else w
 
     @property
     def from_gguf(self) -> bool:
@@ -320,9 +354,22 @@ def _model_from_weights(ckpt: Checkpoint) -> Any:
         state[name] = torch.from_numpy(ckpt.weights.get(source))
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
-    # Non-persistent buffers (rotary inverse frequencies) are computed, not loaded: build them for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=ckpt.config)
+    rebuild_computed_buffers(model, ckpt.config)
     return model.eval()
+
+
+def rebuild_computed_buffers(model: Any, config: Any) -> None:
+    """Non-persistent buffers are computed, not loaded, so a model built on the meta device lacks them:
+    rotary inverse frequencies, and Gemma's embedding scale. Build them for real; refuse any other."""
+    import torch
+
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    embed = model.model.embed_tokens
+    if hasattr(embed, "scalar_embed_scale"):  # Gemma3TextScaledWordEmbedding: sqrt(hidden)
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise EdgekitError(f"cannot rebuild buffer {left[0]} of {type(model).__name__} outside transformers' loader")
 
 
 def load_torch_model(ckpt: Checkpoint) -> Any:
@@ -346,13 +393,24 @@ def load_torch_model(ckpt: Checkpoint) -> Any:
     return model.eval()
 
 
-def rotary_tables(ckpt: Checkpoint, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables [length, head_dim/2] exactly as transformers computes them, scaling included."""
+def rotary_tables(ckpt: Checkpoint, length: int, kind: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables [length, head_dim/2] exactly as transformers computes them, scaling included.
+
+    `kind`: the layer type whose table this is, where rotary differs per layer type (ModelSpec.rope_kind)."""
+    import copy
+
     import torch
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    # Llama's rotary module reads the family-neutral `rope_parameters`, so it serves every family here.
-    rotary = LlamaRotaryEmbedding(ckpt.config)
+    from edgekit.checkpoint.families import rope_parameters
+
+    # Llama's rotary module reads the family-neutral `rope_parameters`, so it serves every family here;
+    # a table keyed by layer type (Gemma 3) is handed to it as a config of its own.
+    config = ckpt.config
+    if kind:
+        config = copy.copy(config)
+        config.rope_parameters = rope_parameters(ckpt.config, kind)
+    rotary = LlamaRotaryEmbedding(config)
     freqs = torch.arange(length, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None, :]
     scaling = rotary.attention_scaling
     return (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()

@@ -14,7 +14,6 @@ cache input or output; KV slots are numbered over the kept layers only (`past_ke
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -131,8 +130,7 @@ class _AttentionInputs:
 
     seqlens_k: str
     total_len: str
-    cos: str
-    sin: str
+    rotary: dict[str, tuple[str, str]]  # ModelSpec.rope_kind → (cos cache, sin cache)
     context: int
     kv_scales: KVScales | None = None  # a quantized cache's per-channel scales (kv_cache.py)
 
@@ -177,12 +175,27 @@ def _attention_inputs(
     mask_shape = g.op("Shape", ["attention_mask"], name="/attn_mask/Shape")[0]
     total = g.op("Gather", [mask_shape, g.const("idx_1", np.array(1, np.int64))], name="/attn_mask/total")[0]
     total_len = g.op("Cast", [total], to=TensorProto.INT32, name="/attn_mask/total_i32")[0]
-    cos_name = sin_name = ""
-    if skip.kept:
-        cos, sin = rotary_tables(ckpt, context)
-        cos_name = g.float_const("cos_cache", pad_rotary(cos, ckpt.spec.head_dim, 1.0))
-        sin_name = g.float_const("sin_cache", pad_rotary(sin, ckpt.spec.head_dim, 0.0))
-    return _AttentionInputs(seqlens_k, total_len, cos_name, sin_name, context, kv_scales)
+    rotary = {}
+    for kind in sorted({ckpt.spec.rope_kind(i) for i in skip.kept}):
+        cos, sin = rotary_tables(ckpt, context, kind)
+        suffix = f".{kind}" if kind else ""
+        rotary[kind] = (
+            g.float_const(f"cos_cache{suffix}", pad_rotary(cos, ckpt.spec.head_dim, 1.0)),
+            g.float_const(f"sin_cache{suffix}", pad_rotary(sin, ckpt.spec.head_dim, 0.0)),
+        )
+    return _AttentionInputs(seqlens_k, total_len, rotary, context, kv_scales)
+
+
+def _norm(g: GraphWriter, x: str, gamma: np.ndarray, eps: float, label: str) -> str:
+    """A plain RMSNorm with no residual add: per-head q/k norms and Gemma's sublayer-output norms."""
+    return g.op(
+        "SimplifiedLayerNormalization",
+        [x, g.float_const(f"{label}.weight", gamma)],
+        name=f"{label}/SimplifiedLayerNorm",
+        axis=-1,
+        epsilon=eps,
+        stash_type=1,
+    )[0]
 
 
 def _normed_heads(g: GraphWriter, ckpt: Checkpoint, i: int, qkv: str) -> list[str]:
@@ -191,7 +204,7 @@ def _normed_heads(g: GraphWriter, ckpt: Checkpoint, i: int, qkv: str) -> list[st
     onnxruntime 1.32's GroupQueryAttention declares q_norm_weight/k_norm_weight inputs, but its CPU kernel
     refuses them ("implemented only on the CUDA and WebGPU EPs"), so the norms are nodes of their own.
     """
-    spec, names, w, p = ckpt.spec, ckpt.family.names, ckpt.weights, f"/model/layers.{i}/attn"
+    spec, names, p = ckpt.spec, ckpt.family.names, f"/model/layers.{i}/attn"
     if padded_head_dim(spec.head_dim) != spec.head_dim:
         raise EdgekitError(
             f"unsupported: per-head q/k norms with head_dim {spec.head_dim} (the fused graph pads heads to a "
@@ -202,14 +215,7 @@ def _normed_heads(g: GraphWriter, ckpt: Checkpoint, i: int, qkv: str) -> list[st
     out = []
     for key, x, heads, gamma in (("q", q, spec.heads, names.q_norm), ("k", k, spec.kv_heads, names.k_norm)):
         split = g.op("Reshape", [x, g.const(f"{p}/{key}_heads_shape", np.array([0, 0, heads, -1], np.int64))])[0]
-        normed = g.op(
-            "SimplifiedLayerNormalization",
-            [split, g.float_const(f"{p}/{key}_norm.weight", w.get(gamma.format(i=i)))],
-            name=f"{p}/{key}_norm",
-            axis=-1,
-            epsilon=spec.rms_eps,
-            stash_type=1,
-        )[0]
+        normed = _norm(g, split, ckpt.norm_weight(gamma.format(i=i)), spec.rms_eps, f"{p}/{key}_norm")
         out.append(g.op("Reshape", [normed, g.const(f"{p}/{key}_merge_shape", np.array([0, 0, -1], np.int64))])[0])
     return [*out, v]
 
@@ -239,7 +245,8 @@ def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _
         qkv_inputs = _normed_heads(g, ckpt, i, qkv)
     attn_outs = [f"{p}/attn/GQA/out", f"present.{slot}.key", f"present.{slot}.value"]
     past = [f"past_key_values.{slot}.key", f"past_key_values.{slot}.value"]
-    window = spec.sliding_window if spec.sliding_window and spec.sliding_window < a.context else -1
+    window = spec.window(i, a.context) or -1
+    cos, sin = a.rotary[spec.rope_kind(i)]
     quantized: dict[str, Any] = {}
     scales: list[str] = []
     if a.kv_scales is not None:  # inputs 9-11 (position_ids, attention_bias, head_sink) stay empty
@@ -254,13 +261,13 @@ def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _
     g.nodes.append(
         helper.make_node(
             "GroupQueryAttention",
-            [*qkv_inputs, *past, a.seqlens_k, a.total_len, a.cos, a.sin, *scales],
+            [*qkv_inputs, *past, a.seqlens_k, a.total_len, cos, sin, *scales],
             attn_outs,
             name=f"{p}/attn/GQA",
             domain=MS_DOMAIN,
             num_heads=spec.heads,
             kv_num_heads=spec.kv_heads,
-            scale=1.0 / math.sqrt(spec.head_dim),
+            scale=spec.attn_scale,
             do_rotary=1,
             rotary_interleaved=0,
             local_window_size=window,
@@ -268,18 +275,27 @@ def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _
         )
     )
     o_w = pad_heads(w.get(names.o.format(i=i)), spec.heads, spec.head_dim, 1)
-    return g.linear(attn_outs[0], o_w, f"{p}/attn/o_proj", "attn")
+    out = g.linear(attn_outs[0], o_w, f"{p}/attn/o_proj", "attn")
+    if names.attn_out_norm:  # Gemma 3 normalizes the sublayer's output before the residual add
+        out = _norm(g, out, ckpt.norm_weight(names.attn_out_norm.format(i=i)), spec.rms_eps, f"{p}/attn_out_norm")
+    return out
 
 
 def _mlp(g: GraphWriter, ckpt: Checkpoint, i: int, x: str) -> str:
-    """Layer i's SwiGLU feed-forward sublayer."""
+    """Layer i's gated feed-forward sublayer: SwiGLU, or GeGLU with tanh GELU (Gemma)."""
     names, w, p = ckpt.family.names, ckpt.weights, f"/model/layers.{i}"
     gate = g.linear(x, w.get(names.gate.format(i=i)), f"{p}/mlp/gate_proj", "mlp")
     up = g.linear(x, w.get(names.up.format(i=i)), f"{p}/mlp/up_proj", "mlp")
-    sig = g.op("Sigmoid", [gate], name=f"{p}/mlp/act/Sigmoid")[0]
-    silu = g.op("Mul", [gate, sig], name=f"{p}/mlp/act/Mul")[0]
-    act = g.op("Mul", [silu, up], name=f"{p}/mlp/Mul")[0]
-    return g.linear(act, w.get(names.down.format(i=i)), f"{p}/mlp/down_proj", "mlp")
+    if ckpt.family.activation == "gelu_tanh":  # FastGelu is onnxruntime's tanh-approximated GELU
+        act = g.op("FastGelu", [gate], name=f"{p}/mlp/act/FastGelu", domain=MS_DOMAIN)[0]
+    else:
+        sig = g.op("Sigmoid", [gate], name=f"{p}/mlp/act/Sigmoid")[0]
+        act = g.op("Mul", [gate, sig], name=f"{p}/mlp/act/Mul")[0]
+    gated = g.op("Mul", [act, up], name=f"{p}/mlp/Mul")[0]
+    out = g.linear(gated, w.get(names.down.format(i=i)), f"{p}/mlp/down_proj", "mlp")
+    if names.mlp_out_norm:
+        out = _norm(g, out, ckpt.norm_weight(names.mlp_out_norm.format(i=i)), ckpt.spec.rms_eps, f"{p}/mlp_out_norm")
+    return out
 
 
 def _lm_head(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, x: str, tied: np.ndarray | None) -> None:
@@ -322,7 +338,7 @@ def build_decoder(
 
     `hessians`: each linear's input Hessian, for the quantizers that need calibration (export/calibrate.py).
     `kv_scales`: for an int8/int4 cache (`quant.kv_cache`), its calibrated scales (export/kv_cache.py)."""
-    spec, names, w = ckpt.spec, ckpt.family.names, ckpt.weights
+    spec, names = ckpt.spec, ckpt.family.names
     fdt = TensorProto.FLOAT16 if quant.mode == "fp16" else TensorProto.FLOAT
     sink = TensorSink(model_path.with_name(model_path.name + ".data"))
     g = GraphWriter(sink, quant, hessians)
@@ -335,6 +351,9 @@ def build_decoder(
         ckpt = _with_kept_blocks(ckpt)
     try:
         embedded, tied = _embedding(g, ckpt, quant, fdt)
+        if ckpt.family.scaled_embedding:  # sqrt(hidden) as float32, as transformers multiplies it
+            scale = g.float_const("/embed/scale", np.array(np.float32(spec.hidden**0.5)))
+            embedded = g.op("Mul", [embedded, scale], name="/embed/scale")[0]
         attention_inputs = _attention_inputs(
             g, ckpt, skip, max_context or spec.max_context, kv_scales if kv.quantized else None
         )
@@ -343,15 +362,15 @@ def build_decoder(
             p = f"/model/layers.{i}"
             slot = skip.kv_slot(i)
             if slot is not None:  # a skipped layer's residual stream passes straight on to its MLP
-                x = stream.norm(w.get(names.input_norm.format(i=i)), f"{p}/input_layernorm")
+                x = stream.norm(ckpt.norm_weight(names.input_norm.format(i=i)), f"{p}/input_layernorm")
                 stream.pending = _attention(g, ckpt, i, slot, x, attention_inputs)
             elif (fill := skip.fill_for(i)) is not None:  # ... plus the removed sublayer's mean output
                 stream.bias = g.float_const(f"{p}/attn_fill", np.asarray(fill, np.float32))
-            x = stream.norm(w.get(names.post_norm.format(i=i)), f"{p}/post_attention_layernorm")
+            x = stream.norm(ckpt.norm_weight(names.post_norm.format(i=i)), f"{p}/post_attention_layernorm")
             stream.pending = _mlp(g, ckpt, i, x)
             if on_layer:
                 on_layer(i)
-        _lm_head(g, ckpt, quant, stream.norm(w.get(names.final_norm), "/model/norm"), tied)
+        _lm_head(g, ckpt, quant, stream.norm(ckpt.norm_weight(names.final_norm), "/model/norm"), tied)
         del tied
     finally:
         sink.close()

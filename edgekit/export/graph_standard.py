@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.checkpoint.load import Checkpoint, rotary_tables
+from edgekit.checkpoint.load import Checkpoint, ModelSpec, rotary_tables
 from edgekit.errors import EdgekitError
 from edgekit.export.onnx_writer import OPSET, GraphContract, GraphWriter, TensorSink, write_model
 from edgekit.export.quantize import QuantConfig, per_channel_int8
@@ -139,15 +139,19 @@ class _Builder:
 
 @dataclass(frozen=True)
 class _StepInputs:
-    """What every layer of a step shares: the rotary rows of its positions and the additive mask."""
+    """What every layer of a step shares: the rotary rows of its positions and the additive masks."""
 
-    cos: str
-    sin: str
-    mask: str
+    rotary: dict[str, tuple[str, str]]  # ModelSpec.rope_kind → (cos, sin) rows [B, 1, S, hd]
+    masks: dict[int | None, str]  # sliding window (None: full attention) → additive mask [B, 1, S, T]
+    context: int
+
+    def for_layer(self, spec: ModelSpec, i: int) -> tuple[str, str, str]:
+        cos, sin = self.rotary[spec.rope_kind(i)]
+        return cos, sin, self.masks[spec.window(i, self.context)]
 
 
-def _step_inputs(b: _Builder, g: GraphWriter, ckpt: Checkpoint, context: int) -> _StepInputs:
-    """Positions, cos/sin rows, and the additive mask [B, 1, S, T] (causal, padding, sliding window)."""
+def _step_inputs(b: _Builder, g: GraphWriter, ckpt: Checkpoint, skip: SkipSet, context: int) -> _StepInputs:
+    """Positions, cos/sin rows, and the additive masks [B, 1, S, T] (causal, padding, sliding window)."""
     spec = ckpt.spec
     seq = b.op("Gather", [b.op("Shape", ["input_ids"], "/pos/shape_ids"), b.i64("idx_1", 1)], "/pos/seq_len")
     total = b.op("Gather", [b.op("Shape", ["attention_mask"], "/pos/shape_mask"), b.i64("idx_1", 1)], "/pos/total_len")
@@ -156,25 +160,34 @@ def _step_inputs(b: _Builder, g: GraphWriter, ckpt: Checkpoint, context: int) ->
     pos_all = b.op("Max", [b.op("Sub", [cums, b.i64("one", 1)], "/pos/Sub"), b.i64("zero_s", 0)], "/pos/Max")
     neg_seq = b.op("Unsqueeze", [b.op("Neg", [seq], "/pos/Neg"), b.i64("axes_0", [0])], "/pos/neg_seq")
     positions = b.op("Slice", [pos_all, neg_seq, b.i64("int64_max", [INT64_MAX]), b.i64("axes_1", [1])], "/pos/Slice")
-    cos_t, sin_t = rotary_tables(ckpt, context)
-    cos_full = g.float_const("cos_cache", np.concatenate([cos_t, cos_t], axis=1))
-    sin_full = g.float_const("sin_cache", np.concatenate([sin_t, sin_t], axis=1))
-    cos = b.op("Unsqueeze", [b.op("Gather", [cos_full, positions], "/rotary/cos"), b.i64("axes_1", [1])], "/cos")
-    sin = b.op("Unsqueeze", [b.op("Gather", [sin_full, positions], "/rotary/sin"), b.i64("axes_1", [1])], "/sin")
+    rotary = {}
+    for kind in sorted({spec.rope_kind(i) for i in skip.kept}):
+        cos_t, sin_t = rotary_tables(ckpt, context, kind)
+        sfx = f".{kind}" if kind else ""
+        rows = []
+        for key, table in (("cos", cos_t), ("sin", sin_t)):
+            full = g.float_const(f"{key}_cache{sfx}", np.concatenate([table, table], axis=1))
+            picked = b.op("Gather", [full, positions], f"/rotary/{key}{sfx}")
+            rows.append(b.op("Unsqueeze", [picked, b.i64("axes_1", [1])], f"/{key}{sfx}"))
+        rotary[kind] = (rows[0], rows[1])
 
     kpos = b.op("Range", [b.i64("zero_s", 0), total, b.i64("one", 1)], "/mask/kpos")
     qrange = b.op("Range", [b.i64("zero_s", 0), seq, b.i64("one", 1)], "/mask/qrange")
     qpos = b.op("Unsqueeze", [b.op("Add", [qrange, past], "/mask/qpos_flat"), b.i64("axes_last", [-1])], "/mask/qpos")
-    allowed = b.op("LessOrEqual", [kpos, qpos], "/mask/causal")  # [S, T]
-    if spec.sliding_window and spec.sliding_window < context:
-        lo = b.op("Sub", [qpos, b.i64("window", spec.sliding_window)], "/mask/window_lo")
-        allowed = b.op("And", [allowed, b.op("Greater", [kpos, lo], "/mask/window")], "/mask/and_window")
+    causal = b.op("LessOrEqual", [kpos, qpos], "/mask/causal")  # [S, T]
     pad = b.op("Cast", ["attention_mask"], "/mask/pad_bool", to=TensorProto.BOOL)
     pad = b.op("Unsqueeze", [pad, b.i64("axes_1_2", [1, 2])], "/mask/pad")  # [B, 1, 1, T]
-    allowed = b.op("And", [allowed, pad], "/mask/allowed")  # [B, 1, S, T]
     zero = g.const("mask_zero", np.array(0.0, np.float32))
     minimum = g.const("mask_min", np.array(MASK_VALUE[TensorProto.FLOAT], np.float32))
-    return _StepInputs(cos, sin, b.op("Where", [allowed, zero, minimum], "/mask/additive"))
+    masks = {}
+    for window in sorted({spec.window(i, context) for i in skip.kept}, key=lambda w: w or 0):
+        allowed, sfx = causal, f"_w{window}" if window else ""
+        if window:
+            lo = b.op("Sub", [qpos, b.i64(f"window{sfx}", window)], f"/mask/window_lo{sfx}")
+            allowed = b.op("And", [allowed, b.op("Greater", [kpos, lo], f"/mask/window{sfx}")], f"/mask/and{sfx}")
+        allowed = b.op("And", [allowed, pad], f"/mask/allowed{sfx}")  # [B, 1, S, T]
+        masks[window] = b.op("Where", [allowed, zero, minimum], f"/mask/additive{sfx}")
+    return _StepInputs(rotary, masks, context)
 
 
 def _repeat_kv(b: _Builder, t: str, n_rep: int, heads: int, hd: int, label: str) -> str:
@@ -190,16 +203,17 @@ def _attention(
     """Layer i's attention sublayer in plain ops, its KV cache in slot `slot`; returns o_proj's output."""
     spec, names, w, p = ckpt.spec, ckpt.family.names, ckpt.weights, f"/model/layers.{i}"
     hd, n_rep = spec.head_dim, spec.heads // spec.kv_heads
+    cos, sin, mask = step.for_layer(spec, i)
     proj = {}
     for key, n_heads, wn in (("q", spec.heads, names.q), ("k", spec.kv_heads, names.k), ("v", spec.kv_heads, names.v)):
         bias = w.get(wn.format(i=i, p="bias")) if ckpt.family.qkv_bias else None
         y = b.linear(x, w.get(wn.format(i=i, p="weight")), f"{p}/attn/{key}_proj", "attn", bias)
         proj[key] = b.heads(y, n_heads, hd, f"{p}/attn/{key}_heads")
         if ckpt.family.qk_norm and key != "v":  # per-head RMSNorm before rotary (Qwen3)
-            gamma = w.get(getattr(names, f"{key}_norm").format(i=i))
+            gamma = ckpt.norm_weight(getattr(names, f"{key}_norm").format(i=i))
             proj[key] = b.rms_norm(proj[key], gamma, spec.rms_eps, f"{p}/attn/{key}_norm")
-    q = b.rotary(proj["q"], step.cos, step.sin, hd, f"{p}/attn/q_rotary")
-    k = b.rotary(proj["k"], step.cos, step.sin, hd, f"{p}/attn/k_rotary")
+    q = b.rotary(proj["q"], cos, sin, hd, f"{p}/attn/q_rotary")
+    k = b.rotary(proj["k"], cos, sin, hd, f"{p}/attn/k_rotary")
     k_all = g.op("Concat", [f"past_key_values.{slot}.key", k], name=f"{p}/attn/k_concat", axis=2)[0]
     v_all = g.op("Concat", [f"past_key_values.{slot}.value", proj["v"]], name=f"{p}/attn/v_concat", axis=2)[0]
     g.nodes.append(helper.make_node("Identity", [k_all], [f"present.{slot}.key"], name=f"{p}/present_k"))
@@ -207,26 +221,56 @@ def _attention(
     if n_rep > 1:
         k_all = _repeat_kv(b, k_all, n_rep, spec.heads, hd, f"{p}/attn/k")
         v_all = _repeat_kv(b, v_all, n_rep, spec.heads, hd, f"{p}/attn/v")
-    q = b.op("Mul", [q, g.float_const("attn_scale", np.array(1.0 / math.sqrt(hd)))], f"{p}/attn/scale")
+    q = b.op("Mul", [q, g.float_const("attn_scale", np.array(spec.attn_scale))], f"{p}/attn/scale")
     kt = b.op("Transpose", [k_all], f"{p}/attn/k_T", perm=[0, 1, 3, 2])
     scores = b.op("MatMul", [q, kt], f"{p}/attn/scores")
     if fdt != TensorProto.FLOAT:
         scores = b.op("Cast", [scores], f"{p}/attn/scores_f32", to=TensorProto.FLOAT)
-    probs = b.op("Softmax", [b.op("Add", [scores, step.mask], f"{p}/attn/mask")], f"{p}/attn/Softmax", axis=-1)
+    probs = b.op("Softmax", [b.op("Add", [scores, mask], f"{p}/attn/mask")], f"{p}/attn/Softmax", axis=-1)
     if fdt != TensorProto.FLOAT:
         probs = b.op("Cast", [probs], f"{p}/attn/probs_cast", to=fdt)
     ctx = b.op("MatMul", [probs, v_all], f"{p}/attn/context")
     ctx = b.op("Transpose", [ctx], f"{p}/attn/context_T", perm=[0, 2, 1, 3])
     ctx = b.op("Reshape", [ctx, b.i64("shape_merge", [0, 0, -1])], f"{p}/attn/context_merge")
-    return b.linear(ctx, w.get(names.o.format(i=i)), f"{p}/attn/o_proj", "attn")
+    out = b.linear(ctx, w.get(names.o.format(i=i)), f"{p}/attn/o_proj", "attn")
+    if names.attn_out_norm:  # Gemma 3 normalizes the sublayer's output before the residual add
+        gamma = ckpt.norm_weight(names.attn_out_norm.format(i=i))
+        out = b.rms_norm(out, gamma, spec.rms_eps, f"{p}/attn_out_norm")
+    return out
+
+
+def _gelu_tanh(b: _Builder, x: str, label: str) -> str:
+    """0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³))) in plain ops: ONNX's Gelu(approximate="tanh") is
+    opset 20, which mobile EPs do not all take."""
+    g = b.g
+    cube = b.op("Mul", [b.op("Mul", [x, x], f"{label}/sq"), x], f"{label}/cube")
+    inner = b.op(
+        "Add", [x, b.op("Mul", [cube, g.float_const("gelu_c", np.array(0.044715))], f"{label}/c")], f"{label}/in"
+    )
+    t = b.op(
+        "Tanh",
+        [b.op("Mul", [inner, g.float_const("gelu_k", np.array(math.sqrt(2 / math.pi)))], f"{label}/k")],
+        f"{label}/tanh",
+    )
+    half_x = b.op("Mul", [x, g.float_const("gelu_half", np.array(0.5))], f"{label}/half")
+    return b.op(
+        "Mul", [half_x, b.op("Add", [t, g.float_const("gelu_one", np.array(1.0))], f"{label}/one")], f"{label}/out"
+    )
 
 
 def _mlp(b: _Builder, ckpt: Checkpoint, i: int, x: str) -> str:
     names, w, p = ckpt.family.names, ckpt.weights, f"/model/layers.{i}"
     gate = b.linear(x, w.get(names.gate.format(i=i)), f"{p}/mlp/gate_proj", "mlp")
     up = b.linear(x, w.get(names.up.format(i=i)), f"{p}/mlp/up_proj", "mlp")
-    silu = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/mlp/Sigmoid")], f"{p}/mlp/SiLU")
-    return b.linear(b.op("Mul", [silu, up], f"{p}/mlp/Mul"), w.get(names.down.format(i=i)), f"{p}/mlp/down_proj", "mlp")
+    if ckpt.family.activation == "gelu_tanh":
+        act = _gelu_tanh(b, gate, f"{p}/mlp/gelu")
+    else:
+        act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/mlp/Sigmoid")], f"{p}/mlp/SiLU")
+    out = b.linear(b.op("Mul", [act, up], f"{p}/mlp/Mul"), w.get(names.down.format(i=i)), f"{p}/mlp/down_proj", "mlp")
+    if names.mlp_out_norm:
+        gamma = ckpt.norm_weight(names.mlp_out_norm.format(i=i))
+        out = b.rms_norm(out, gamma, ckpt.spec.rms_eps, f"{p}/mlp_out_norm")
+    return out
 
 
 def build_standard_decoder(
@@ -254,22 +298,27 @@ def build_standard_decoder(
     contract = GraphContract(skip.kept, spec.kv_heads, spec.head_dim, "float16" if quant.mode == "fp16" else "float32")
     try:
         residual = b.op("Gather", [g.float_const("embed_tokens.weight", w.get(names.embed)), "input_ids"], "/embed")
-        step = _step_inputs(b, g, ckpt, max_context or spec.max_context)
+        if ckpt.family.scaled_embedding:  # sqrt(hidden) as float32, as transformers multiplies it
+            scale = g.float_const("/embed/scale", np.array(np.float32(spec.hidden**0.5)))
+            residual = b.op("Mul", [residual, scale], "/embed/scale")
+        step = _step_inputs(b, g, ckpt, skip, max_context or spec.max_context)
         for i in range(spec.num_layers):
             p = f"/model/layers.{i}"
             slot = skip.kv_slot(i)
             if slot is not None:  # a skipped layer's residual stream passes straight on to its MLP
-                x = b.rms_norm(residual, w.get(names.input_norm.format(i=i)), spec.rms_eps, f"{p}/input_layernorm")
+                gamma = ckpt.norm_weight(names.input_norm.format(i=i))
+                x = b.rms_norm(residual, gamma, spec.rms_eps, f"{p}/input_layernorm")
                 residual = b.op("Add", [residual, _attention(b, g, ckpt, i, slot, x, step, fdt)], f"{p}/attn/residual")
             elif (fill := skip.fill_for(i)) is not None:  # the removed sublayer's mean output, added once
                 fill_name = g.float_const(f"{p}/attn_fill", np.asarray(fill, np.float32))
                 residual = b.op("Add", [residual, fill_name], f"{p}/attn_fill/add")
-            x = b.rms_norm(residual, w.get(names.post_norm.format(i=i)), spec.rms_eps, f"{p}/post_attention_layernorm")
+            gamma = ckpt.norm_weight(names.post_norm.format(i=i))
+            x = b.rms_norm(residual, gamma, spec.rms_eps, f"{p}/post_attention_layernorm")
             residual = b.op("Add", [residual, _mlp(b, ckpt, i, x)], f"{p}/mlp/residual")
             if on_layer:
                 on_layer(i)
 
-        x = b.rms_norm(residual, w.get(names.final_norm), spec.rms_eps, "/model/norm")
+        x = b.rms_norm(residual, ckpt.norm_weight(names.final_norm), spec.rms_eps, "/model/norm")
         lm_head = w.get(names.embed) if spec.tie_embeddings else w.get(names.lm_head)
         logits = b.linear(x, lm_head, "/lm_head", "lm_head")
         if fdt != TensorProto.FLOAT:

@@ -8,12 +8,14 @@ needs two things a whole-model forward cannot give cheaply.
   removals and their fills already applied: all chunks must pass layer i before layer i+1 starts.
 
 The model itself is never edited: removal is virtual (the layer's attention is simply not added, or its
-fill is added instead), so one loaded model serves every candidate. Layers are assumed to be the
-Llama shape the surgery assumes too (input_layernorm, self_attn, post_attention_layernorm, mlp).
+fill is added instead), so one loaded model serves every candidate. Layers have the shape the surgery
+assumes too: input_layernorm, self_attn, mlp and the family's norm names (checkpoint.families.LayerModules);
+where layer types differ (Gemma 3's local and global layers) each gets its own rotary table and mask.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +43,14 @@ class LayerwiseModel:
     def __init__(self, model: Any, chunks: list[list[int]]) -> None:
         import torch
 
+        from edgekit.checkpoint.families import family_for
+
         self.model = model
         self.layers = model.model.layers
+        self.modules = family_for(model.config).modules
+        config = model.config
+        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(self.layers))
+        per_type_rope = "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
         self.num_layers = len(self.layers)
         self.chunks = [torch.as_tensor([c], dtype=torch.long) for c in chunks]
         self.tokens = sum(len(c) for c in chunks)
@@ -54,30 +62,38 @@ class LayerwiseModel:
                 pos = torch.arange(n).unsqueeze(0)
                 embedded = model.model.embed_tokens(ids)
                 # An explicit additive causal mask: correct for every attention implementation (eager
-                # ignores is_causal when handed no mask).
-                mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
-                self._context.append(
-                    {
-                        "embedded": embedded,
-                        "position_ids": pos,
-                        "position_embeddings": model.model.rotary_emb(embedded, position_ids=pos),
-                        "attention_mask": mask,
-                    }
-                )
+                # ignores is_causal when handed no mask); a sliding layer also masks what is past its window.
+                causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+                window = getattr(config, "sliding_window", None) or n
+                sliding = causal.masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-window), float("-inf"))
+                by_type = {}
+                for kind in set(self.layer_types):
+                    rotary = (
+                        model.model.rotary_emb(embedded, position_ids=pos, layer_type=kind)
+                        if per_type_rope
+                        else model.model.rotary_emb(embedded, position_ids=pos)
+                    )
+                    by_type[kind] = (rotary, sliding if kind == "sliding_attention" else causal)
+                self._context.append({"embedded": embedded, "position_ids": pos, "by_type": by_type})
 
     def _attention(self, i: int, h: Any, c: int) -> Any:
         layer, ctx = self.layers[i], self._context[c]
+        rotary, mask = ctx["by_type"][self.layer_types[i]]
         out = layer.self_attn(
             hidden_states=layer.input_layernorm(h),
-            position_embeddings=ctx["position_embeddings"],
-            attention_mask=ctx["attention_mask"],
+            position_embeddings=rotary,
+            attention_mask=mask,
             position_ids=ctx["position_ids"],
         )
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        if self.modules.attn_out_norm:  # what joins the residual stream is the normalized output (Gemma 3)
+            out = getattr(layer, self.modules.attn_out_norm)(out)
+        return out
 
     def _mlp(self, i: int, h: Any) -> Any:
-        layer = self.layers[i]
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        layer, names = self.layers[i], self.modules
+        out = layer.mlp(getattr(layer, names.mlp_norm)(h))
+        return h + (getattr(layer, names.mlp_out_norm)(out) if names.mlp_out_norm else out)
 
     def _chunk_nll(self, h: Any, c: int) -> tuple[float, int]:
         """Summed next-token NLL of chunk `c` from its final residual stream, and the tokens it scored."""

@@ -133,7 +133,7 @@ def gate_norm_scores(ckpt: Any) -> np.ndarray:
     group = spec.heads // spec.kv_heads
     out = np.zeros(spec.num_layers)
     for i in range(spec.num_layers):
-        gamma = w.get(names.input_norm.format(i=i)).astype(np.float64)
+        gamma = ckpt.norm_weight(names.input_norm.format(i=i)).astype(np.float64)
         q = (w.get(names.q.format(i=i, p="weight")) * gamma).reshape(spec.heads, spec.head_dim, -1)
         k = (w.get(names.k.format(i=i, p="weight")) * gamma).reshape(spec.kv_heads, spec.head_dim, -1)
         # ‖Qᵀ K‖_F² = tr((Q Qᵀ)(K Kᵀ)): two [head_dim, head_dim] Gram matrices, never a [hidden, hidden] one

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.checkpoint.load import Checkpoint
+from edgekit.checkpoint.load import Checkpoint, rebuild_computed_buffers
 from edgekit.skip.skipset import SkipSet
 
 
@@ -29,9 +29,7 @@ class StreamingModel:
         self.ckpt = ckpt
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(ckpt.config, dtype=torch.float32)
-        # Non-persistent buffers (rotary inverse frequencies) are computed, not loaded: build them for real.
-        rotary = model.model.rotary_emb
-        model.model.rotary_emb = type(rotary)(config=ckpt.config)
+        rebuild_computed_buffers(model, ckpt.config)
         if skip is not None:
             apply_skip(model, skip)
         self.model = model.eval()

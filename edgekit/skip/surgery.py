@@ -11,20 +11,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgekit.checkpoint.families import LayerModules, family_for
 from edgekit.skip.skipset import SkipSet
 
 
 class AttentionFreeDecoderLayer(nn.Module):
-    """A decoder layer without its attention sublayer: h + MLP(post_attention_norm(h)).
+    """A decoder layer without its attention sublayer: h + MLP(pre_mlp_norm(h)) (then its output norm,
+    where the family has one: Gemma 3).
 
-    Holds only the post-attention norm and the MLP; the input norm, q/k/v/o projections and the
+    Holds only the MLP and its norms, under the layer's own attribute names (so parameter names match
+    the checkpoint's); the input norm, q/k/v/o projections, the attention output's norm (Gemma 3) and the
     layer's KV cache are gone, not zeroed.
     """
 
-    def __init__(self, post_attention_layernorm: nn.Module, mlp: nn.Module, fill: Any = None) -> None:
+    def __init__(self, layer: nn.Module, modules: LayerModules, fill: Any = None) -> None:
         super().__init__()
-        self.post_attention_layernorm = post_attention_layernorm
-        self.mlp = mlp
+        self._norm_names = (modules.mlp_norm, modules.mlp_out_norm)
+        for name in self._norm_names:
+            if name:
+                setattr(self, name, getattr(layer, name))
+        self.mlp = layer.mlp
         # The removed sublayer's stand-in (SkipSet.fill): a constant added to the residual stream. A plain
         # attribute, not a buffer: the streaming model empties each layer's tensors after its forward
         # (skip.streaming), and a fill is a statistic of the skip set, not a weight it could reload.
@@ -33,17 +39,20 @@ class AttentionFreeDecoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.fill.numel():
             hidden_states = hidden_states + self.fill.to(hidden_states.dtype)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        norm, out_norm = (getattr(self, n) if n else None for n in self._norm_names)
+        out = self.mlp(norm(hidden_states))
+        return hidden_states + (out_norm(out) if out_norm is not None else out)
 
 
 def apply_skip(model: Any, skip: SkipSet) -> Any:
     """Replace the skipped layers in place; returns the same model for chaining."""
+    modules = family_for(model.config).modules
     layers = model.model.layers
     for i in skip.skipped:
         old = layers[i]
         if isinstance(old, AttentionFreeDecoderLayer):
             continue
-        layers[i] = AttentionFreeDecoderLayer(old.post_attention_layernorm, old.mlp, skip.fill_for(i))
+        layers[i] = AttentionFreeDecoderLayer(old, modules, skip.fill_for(i))
     return model
 
 
