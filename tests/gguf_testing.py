@@ -33,8 +33,7 @@ def random_kquant(rows: int, cols: int, qt: GGMLQuantizationType, rng: np.random
     block, size = GGML_QUANT_SIZES[qt]
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     # weights of about ±0.05, like the other writers': |w| <= d·63·15 (Q4_K), d·32·32 (Q6_K)
-    d = 5e-5 if qt == GGMLQuantizationType.Q4_K else 5e-5
-    scale = (rng.uniform(0.5, 1.0, (rows, cols // block, 1)) * d).astype(np.float16).view(np.uint8)
+    scale = (rng.uniform(0.5, 1.0, (rows, cols // block, 1)) * 5e-5).astype(np.float16).view(np.uint8)
     if qt == GGMLQuantizationType.Q4_K:  # d, dmin, scales[12], qs[128]
         raw[..., 0:2] = scale
         raw[..., 2:4] = (scale.view(np.float16) * 0.5).view(np.uint8)
@@ -90,15 +89,16 @@ def write_random_gguf(
     layer_qtypes: dict[str, str] | None = None,
     sliding_window: int = 4,
 ) -> dict[str, np.ndarray]:
-    """Write a random llama/qwen2/qwen3-shaped GGUF and return its weights by HF name, in HF layout.
+    """Write a random llama/qwen2/qwen3/gemma3-shaped GGUF and return its weights by HF name, in HF layout.
 
-    `qtype` (F32, F16 or a type gguf.quants quantizes: Q8_0, Q4_0, Q4_1) applies to the 2-D matrices,
-    `embed_qtype` (default: qtype) to the token embedding, as SmolLM2's Q4_1 file keeps it Q8_0, and
-    `layer_qtypes` (GGUF short name such as "attn_v" -> type) to one kind of layer matrix, as Q4_K_M files
-    mix Q4_K, Q5_0 and Q6_K; Q4_K/Q6_K blocks are random (gguf.quants cannot quantize them). Norms and
-    biases stay F32 as in llama.cpp; for gemma3 norms are stored as 1 + w, as convert_hf_to_gguf.py does. The returned arrays are what a correct reader must produce: for
-    quantized types they are already round-tripped through the quantizer, so comparisons can be exact. Q/K rows are
-    permuted for the llama arch exactly as llama.cpp does, so a reader's un-permute is tested.
+    `qtype` (F32, F16, a type gguf.quants quantizes: Q8_0, Q4_0, Q4_1, Q5_0, or Q4_K/Q6_K, written as random
+    blocks since gguf.quants cannot quantize those) applies to the 2-D matrices, `embed_qtype` (default:
+    qtype) to the token embedding, as SmolLM2's Q4_1 file keeps it Q8_0, and `layer_qtypes` (GGUF short name
+    such as "attn_v" -> type) to one kind of layer matrix, as Q4_K_M files mix Q4_K, Q5_0 and Q6_K. Norms
+    and biases stay F32 as in llama.cpp; gemma3 norms are stored as 1 + w, as convert_hf_to_gguf.py does.
+    The returned arrays are what a correct reader must produce: for quantized types they are already
+    round-tripped through the quantizer, so comparisons can be exact. Q/K rows are permuted for the llama
+    arch exactly as llama.cpp does, so a reader's un-permute is tested.
     With `tokenizer=True` a tiny byte-level BPE vocabulary with ChatML specials is embedded and the
     vocab size is the token count (unless given).
     """

@@ -157,7 +157,10 @@ def quantize_node(
         return dynamic_int8_matmul(node, weight_name, weight)
     scratch = onnx.GraphProto()
     scratch.initializer.append(numpy_helper.from_array(_contiguous_f32(weight), weight_name))
-    nodes = _ort_quantizer(bits, cfg).quantize(node, [scratch])
+    # An all-zero block (an embedding's padding row: Gemma's pad token) has scale 0; onnxruntime divides
+    # by it and then picks its np.where fallback, so the NaN is discarded but numpy warns.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nodes = _ort_quantizer(bits, cfg).quantize(node, [scratch])
     if len(nodes) == 1 and nodes[0].op_type == node.op_type:
         raise EdgekitError(f"onnxruntime could not quantize {weight_name} to {bits} bits")
     # Copy the results out: a message taken from `scratch` keeps scratch's whole arena alive, and with it
