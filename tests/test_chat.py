@@ -56,6 +56,27 @@ MISTRAL = (
 
 # Multi-line, indented template: exercises trim_blocks / lstrip_blocks, loopcontrols, tojson, namespace,
 # {% generation %}, and tools/documents being passed as None.
+# Gemma 3's template (google/gemma-3-*-it tokenizer_config.json): BOS rendered by the template, the system
+# prompt folded into the first user turn, "model" for the assistant role, raise_exception, `| trim`.
+GEMMA3 = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
+    '    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n"
+)
 WHITESPACE_HEAVY = """{%- set ns = namespace(n=0) -%}
 {% for message in messages %}
     {% if message.role == 'tool' %}
@@ -157,12 +178,21 @@ def test_embedded_template_is_the_gguf_one(smollm2_gguf: Path) -> None:
 
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("chat", sorted(CHATS))
-@pytest.mark.parametrize("source", [LLAMA3, WHITESPACE_HEAVY], ids=["llama3", "whitespace"])
+@pytest.mark.parametrize("source", [LLAMA3, WHITESPACE_HEAVY, GEMMA3], ids=["llama3", "whitespace", "gemma3"])
 def test_other_templates_match_transformers(source: str, chat: str, add_generation_prompt: bool) -> None:
     template = ChatTemplate(source, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
     messages = CHATS[chat]
     ours = template.render(messages, add_generation_prompt=add_generation_prompt)
     assert ours == hf_render(template, messages, add_generation_prompt)
+
+
+def test_gemma3_render_and_end_of_turn() -> None:
+    template = ChatTemplate(GEMMA3, bos_token="<bos>", eos_token="<eos>")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "}]
+    assert template.render(messages) == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert template.end_of_turn == ("<end_of_turn>", "<eos>")
+    with pytest.raises(EdgekitError, match="alternate"):
+        template.render([{"role": "assistant", "content": "x"}])
 
 
 def test_llama3_render() -> None:

@@ -168,3 +168,28 @@ def test_onnxruntime_genai_runs_a_gemma3_int4_bundle_as_edgekit_does(gemma3, tmp
     if theirs and theirs[-1] == 2:  # genai includes the EOS it stopped on; edgekit's runtime does not
         theirs = theirs[:-1]
     assert len(ours) >= WINDOW and theirs == ours
+
+
+def test_gemma3_at_the_real_270m_layer_shape(tmp_path):
+    """Gemma 3 270M's layer (hidden 640, 4 query heads and 1 KV head of 256, query_pre_attn_scalar 256,
+    window 512, local 10k / global 1M rotary), three of its 18 layers, random weights, vocabulary cut to
+    512: fp32 parity with a global layer's attention removed, and int4 close to it."""
+    config = _config(
+        hidden_size=640, intermediate_size=2048, num_hidden_layers=3, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=512, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=1024, rms_norm_eps=1e-6,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    )  # fmt: skip
+    src = save_random_model(_model(config), tmp_path / "gemma3-270m-shape")
+    for quant in ("fp32", "int4"):
+        out = tmp_path / f"b-{quant}"
+        export(ExportRequest(model=str(src), skip_layers="2", quant=QuantConfig(mode=quant), output=out))
+        v = read_bundle(out).manifest["verification"]
+        if quant == "fp32":
+            assert v["passed"] and v["greedy_match"], v
+            assert v["max_abs_logit_diff"] < 1e-4 * max(v["max_abs_logit"], 0.1), v
+        else:
+            assert abs(v["ppl_onnx"] - v["ppl_torch_fp32"]) < 0.1 * v["ppl_torch_fp32"], v

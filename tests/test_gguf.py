@@ -289,3 +289,38 @@ def test_real_tokenizer_matches_transformers(tmp_path: Path, smollm2_gguf: Path)
     for text in (CHATML_SAMPLE, "The capital of France is Paris.", "  spaces\tand ünïcödé 日本語 123456"):
         assert tok.encode(text).ids == ref(text)["input_ids"], text
     assert tok.encode(CHATML_SAMPLE).ids == [1, 4093, 198, 26843, 2, 198]
+
+
+def test_gemma3_with_k_quants_maps_and_exports_exactly(tmp_path: Path) -> None:
+    """A Q4_K_M-style gemma3 GGUF (Q4_K matrices, a Q5_0 attn_v, a Q6_K embedding; norms stored as 1 + w):
+    the reader gives transformers' weights and config, and the export matches its PyTorch twin."""
+    from transformers import Gemma3TextConfig
+
+    from edgekit.bundle.folder import read_bundle
+    from edgekit.export.pipeline import ExportRequest, export
+    from edgekit.export.quantize import QuantConfig
+
+    path = tmp_path / "gemma3.gguf"
+    expected = write_random_gguf(
+        path, arch="gemma3", n_layers=6, hidden=256, heads=4, kv_heads=1, intermediate=512, qtype="Q4_K",
+        embed_qtype="Q6_K", layer_qtypes={"attn_v": "Q5_0"}, sliding_window=4, rope_theta=1e6,
+    )  # fmt: skip
+    model = read_gguf(path)
+    assert (model.config["model_type"], model.config["architectures"]) == ("gemma3_text", ["Gemma3ForCausalLM"])
+    assert set(model.tensor_types.values()) == {"F32", "Q4_K", "Q5_0", "Q6_K"}
+    assert model.tensor_types["model.layers.0.self_attn.v_proj.weight"] == "Q5_0"
+    for name, value in expected.items():  # norms come back as w (the file holds 1 + w)
+        np.testing.assert_array_equal(model.weights.get(name), value, err_msg=name)
+    config = Gemma3TextConfig(**model.config)
+    assert config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    assert (config.sliding_window, config.query_pre_attn_scalar, config.hidden_activation) == (
+        4,
+        64,
+        "gelu_pytorch_tanh",
+    )
+    assert config.rope_parameters["full_attention"]["rope_theta"] == 1e6
+    assert config.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    out = tmp_path / "bundle"
+    export(ExportRequest(model=str(path), skip_layers="1,5", quant=QuantConfig(mode="fp32"), output=out))
+    v = read_bundle(out).manifest["verification"]
+    assert v["passed"] and v["greedy_match"] and v["max_abs_logit_diff"] < 1e-4 * max(v["max_abs_logit"], 1.0), v

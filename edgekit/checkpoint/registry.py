@@ -65,6 +65,10 @@ ALIASES: dict[str, ModelAlias] = {
         ModelAlias("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B", "Qwen2.5 1.5B base", 28, "1.5B"),
         ModelAlias("qwen3-0.6b", "Qwen/Qwen3-0.6B", "Qwen3 0.6B (q/k norms, head_dim 128)", 28, "0.6B"),
         ModelAlias("qwen3-1.7b", "Qwen/Qwen3-1.7B", "Qwen3 1.7B (q/k norms, head_dim 128)", 28, "1.7B"),
+        ModelAlias(
+            "gemma3-270m", "google/gemma-3-270m-it", "Gemma 3 270M instruct (5 local : 1 global layers)", 18, "270M"
+        ),
+        ModelAlias("gemma3-1b", "google/gemma-3-1b-it", "Gemma 3 1B instruct (5 local : 1 global layers)", 26, "1B"),
     ]
 }
 
