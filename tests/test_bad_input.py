@@ -139,6 +139,8 @@ ROWS: list[Row] = [
     Row("weights-tensor-missing", (*EXPORT, "{m}/missing-tensor"), r"missing from the checkpoint"),
     Row("unsupported-architecture", (*EXPORT, "{m}/gpt2"), r"unsupported architecture 'gpt2'"),
     Row("unsupported-activation", (*EXPORT, "{m}/gelu"), r"unsupported activation"),
+    Row("gemma3-soft-capping", (*EXPORT, "{m}/gemma3-softcap"), r"final_logit_softcapping .*soft-capping"),
+    Row("gemma3-multimodal", (*EXPORT, "{m}/gemma3-multimodal"), r"multimodal.*gemma3_text"),
     # --- code in the checkpoint: refused by default, pickles never unpickled freely ---
     Row("remote-code-refused", (*EXPORT, "{m}/remote-code"), r"auto_map.*--trust-remote-code"),
     Row("pickle-refused-by-default", (*EXPORT, "{m}/pickle"), r"pickle weights.*--allow-pickle"),
@@ -374,6 +376,10 @@ def _build_broken_models(root: Path) -> None:
     save_file({k: v for k, v in sd.items() if "layers.3.mlp.up_proj" not in k}, d / "model.safetensors")
     _checkpoint(root, "gpt2", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     _checkpoint(root, "gelu", {"hidden_act": "gelu"})
+    _checkpoint(root, "gemma3-softcap", {"model_type": "gemma3_text", "final_logit_softcapping": 30.0})
+    _checkpoint(
+        root, "gemma3-multimodal", {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}
+    )
     d = _checkpoint(root, "remote-code", {"auto_map": {"AutoConfig": "evil.EvilConfig"}})
     (d / "evil.py").write_text(f"open({str(root / 'PWNED-remote')!r}, 'w').close()\n")
     d = _checkpoint(root, "pickle", weights=False)

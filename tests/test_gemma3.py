@@ -71,13 +71,7 @@ def _reference_logits(src, skipped, ids):
 def _cached_logits(bundle, ids, prompt):
     from edgekit.runtime.session import DecoderSession
 
-    session = DecoderSession(read_bundle(bundle).model_file)
-    logits, cache = session.forward(np.array([ids[:prompt]]))
-    got = [logits[0]]
-    for t in ids[prompt:]:
-        step, cache = session.forward(np.array([[t]]), cache)
-        got.append(step[0])
-    return np.concatenate(got)
+    return DecoderSession(read_bundle(bundle).model_file).cached_logits(ids, prompt)
 
 
 IDS = [int(t) for t in np.random.default_rng(0).integers(3, 512, WINDOW + 64)]

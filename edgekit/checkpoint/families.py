@@ -118,6 +118,11 @@ def family_for(config: Any) -> Family:
         if model_type in fam.model_types:
             return fam
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    if model_type == "gemma3":
+        raise EdgekitError(
+            "unsupported architecture 'gemma3': Gemma 3 4B and larger are multimodal (Gemma3ForConditionalGeneration); "
+            "edgekit exports the text-only gemma3_text models (Gemma 3 270M, 1B)"
+        )
     raise EdgekitError(
         f"unsupported architecture '{model_type}': edgekit removes attention sublayers from decoders with the "
         f"Llama layer layout ({supported})"
