@@ -91,6 +91,10 @@ bench: bench-speed  ## run the benchmarks (bench/; slow, not part of test)
 bench-speed: install  ## TinyLlama-1.1B-shaped skip 0 vs skip 6: int4/int8/fp32 decode at 128/1024 context (THREADS=2)
 	$(PYTHON) bench/speed.py --threads $(or $(THREADS),2)
 
+.PHONY: bench-families
+bench-families: install  ## fp32 parity of Qwen3 and Gemma 3 at their real layer shapes vs transformers, past Gemma's 512 window (~1 min)
+	$(PYTHON) bench/family_parity.py
+
 .PHONY: bench-peers
 bench-peers: install  ## edgekit vs optimum-onnx, onnxruntime-genai, llama.cpp + bandwidth roofline (tens of minutes; ROUNDS=3)
 	$(PYTHON) bench/peers.py --threads $(or $(THREADS),2) --rounds $(or $(ROUNDS),3)
