@@ -187,3 +187,26 @@ def test_gemma3_at_the_real_270m_layer_shape(tmp_path):
             assert v["max_abs_logit_diff"] < 1e-4 * max(v["max_abs_logit"], 0.1), v
         else:
             assert abs(v["ppl_onnx"] - v["ppl_torch_fp32"]) < 0.1 * v["ppl_torch_fp32"], v
+
+
+def test_a_bf16_gemma3_checkpoint_missing_a_sandwich_norm_is_refused_in_one_line(tmp_path):
+    """Real Gemma 3 checkpoints ship bf16 safetensors: one exports; one without a post-feedforward norm
+    is refused up front, naming the tensor, not half-way through the graph."""
+    from safetensors.torch import load_file, save_file
+
+    from edgekit.errors import EdgekitError
+
+    model = _model(_config(num_hidden_layers=3, layer_types=LAYER_TYPES[:3])).to(torch.bfloat16)
+    src = save_random_model(model, tmp_path / "bf16")
+    out = tmp_path / "b"
+    export(ExportRequest(model=str(src), skip_layers="2", quant=QuantConfig(mode="fp32"), output=out))
+    v = read_bundle(out).manifest["verification"]
+    assert v["passed"] and v["max_abs_logit_diff"] < 1e-4 * v["max_abs_logit"], v
+    weights = src / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.post_feedforward_layernorm.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(
+        EdgekitError, match=r"^weights: model\.layers\.1\.post_feedforward_layernorm\.weight is missing"
+    ):
+        export(ExportRequest(model=str(src), quant=QuantConfig(mode="fp32"), output=tmp_path / "c"))

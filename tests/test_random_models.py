@@ -121,3 +121,19 @@ def test_qwen3_at_the_real_0_6b_layer_shape(tmp_path, stories_path):
             assert v["max_abs_logit_diff"] < 1e-4 * max(v["max_abs_logit"], 0.1), v
         else:
             assert abs(v["ppl_onnx"] - v["ppl_torch_fp32"]) < 0.1 * v["ppl_torch_fp32"], v
+
+
+def test_onnxruntime_genai_runs_a_qwen3_int4_bundle_as_edgekit_does(tmp_path, stories_path):
+    from test_targets import genai_tokens
+
+    from edgekit.runtime.generator import GenerationConfig, Generator
+
+    src = _make("qwen3", tmp_path / "qwen3", stories_path)
+    out = tmp_path / "qwen3-int4"
+    export(ExportRequest(model=str(src), skip_layers="2", quant=QuantConfig(mode="int4"), output=out))
+    prompt = [1, 45, 300, 17, 99, 250, 8, 60]
+    ours = Generator(out).generate(prompt, GenerationConfig(max_new_tokens=16)).token_ids
+    theirs = genai_tokens(out, prompt, 16)
+    if theirs and theirs[-1] == 2:  # genai includes the EOS it stopped on; edgekit's runtime does not
+        theirs = theirs[:-1]
+    assert len(ours) >= 8 and theirs == ours

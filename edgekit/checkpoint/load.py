@@ -195,6 +195,12 @@ def _expected_shapes(spec: ModelSpec, family: Family) -> Iterator[tuple[str, tup
         yield n.gate.format(**f), (spec.intermediate, spec.hidden)
         yield n.up.format(**f), (spec.intermediate, spec.hidden)
         yield n.down.format(**f), (spec.hidden, spec.intermediate)
+        if family.qk_norm:
+            yield n.q_norm.format(**f), (spec.head_dim,)
+            yield n.k_norm.format(**f), (spec.head_dim,)
+        for out_norm in (n.attn_out_norm, n.mlp_out_norm):
+            if out_norm:
+                yield out_norm.format(**f), (spec.hidden,)
 
 
 _SPEC_FIELDS = {  # ModelSpec field → the config.json key a user would look for; (minimum)
