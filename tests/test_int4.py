@@ -8,9 +8,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgekit.checkpoint.load import open_checkpoint
 from edgekit.export.int4 import InputHessian, gptq_blocks, int4_matmul, integer_zero_points
 from edgekit.export.pipeline import ExportRequest, export
-from edgekit.export.quantize import QuantConfig
+from edgekit.export.quantize import QuantConfig, more_bits_layers
 from edgekit.quality.evaluate import EvalRequest, evaluate
 
 K, N, BLOCK = 128, 96, 32
@@ -187,11 +188,14 @@ def test_per_token_hessian_keeps_outlier_tokens_from_taking_the_whole_error_budg
 
 @pytest.fixture(scope="module")
 def stories_int4(tmp_path_factory, stories_path):
-    """stories260K exported at each --int4-algo (lm_head 8-bit, the default), and at fp32."""
+    """stories260K exported at each --int4-algo (lm_head 8-bit, the default; every layer 4-bit, so the
+    algorithms are compared on the same matrices), and at fp32."""
     root = tmp_path_factory.mktemp("int4")
     out = {}
     for algo in ("fp32", "rtn", "hqq", "gptq"):
-        quant = QuantConfig(mode="fp32") if algo == "fp32" else QuantConfig(mode="int4", int4_algo=algo, lm_head_bits=8)
+        quant = QuantConfig(mode="fp32")
+        if algo != "fp32":
+            quant = QuantConfig(mode="int4", int4_algo=algo, lm_head_bits=8, int4_mix="none")
         out[algo] = export(ExportRequest(model=str(stories_path), quant=quant, output=root / algo))
     return out
 
@@ -220,3 +224,51 @@ def test_every_algorithm_passes_verification_and_the_manifest_says_how(stories_i
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     # uint8 zero points (4 inputs), never float ones: the int8-compute kernel, not the slow float path
     assert nbits and all(len(n.input) == 4 for n in nbits if "lm_head" not in n.name)
+
+
+def test_the_q4_k_m_mix_is_llama_cpps_use_more_bits_rule():
+    """src/llama-quant.cpp: i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2 (integer division)."""
+    assert more_bits_layers("q4_k_m", 30) == (0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29)
+    assert more_bits_layers("q4_k_m", 32) == (0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31)
+    assert more_bits_layers("q4_k_m", 5) == (2, 4)
+    assert more_bits_layers("none", 30) == ()
+
+
+def test_the_default_int4_keeps_qkv_and_down_at_8_bits_in_the_mixed_layers(tmp_path, stories_path):
+    """Default int4 (mix q4_k_m) on stories260K: layers 2 and 4's v_proj (split from q/k) and down_proj are
+    8-bit MatMulNBits, every other matrix 4-bit; `--int4-mix none` has none; the manifest and the memory
+    estimate say so."""
+    from edgekit.export.budget import estimate_memory
+
+    def bits_by_matrix(bundle):
+        nodes = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node
+        return {
+            n.name.rsplit("/", 1)[0]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in nodes
+            if n.op_type == "MatMulNBits"
+        }
+
+    mixed = export(
+        ExportRequest(model=str(stories_path), quant=QuantConfig(mode="int4", int4_algo="rtn"), output=tmp_path / "m")
+    )
+    plain = export(
+        ExportRequest(
+            model=str(stories_path),
+            quant=QuantConfig(mode="int4", int4_algo="rtn", int4_mix="none"),
+            output=tmp_path / "p",
+        )
+    )
+    raised = {f"/model/layers.{i}/{m}" for i in (2, 4) for m in ("attn/v_proj", "mlp/down_proj")}
+    got = bits_by_matrix(mixed.bundle)
+    assert {name for name, b in got.items() if b == 8} - {"/lm_head"} == raised
+    assert got["/model/layers.2/attn/qk_proj"] == 4 and "/model/layers.3/attn/qkv_proj" in got
+    assert set(bits_by_matrix(plain.bundle).values()) == {4}  # lm_head too: the Python API's default
+    assert mixed.manifest["verification"]["passed"], mixed.manifest["verification"]
+    assert list(mixed.manifest["quantization"]["int8_layers"]) == [2, 4]
+    assert list(plain.manifest["quantization"]["int8_layers"]) == []
+    spec = open_checkpoint(stories_path, "stories260k").spec
+    est = {
+        mix: estimate_memory(spec, 5, QuantConfig(mode="int4", int4_mix=mix), 256, 16).weights_bytes
+        for mix in ("q4_k_m", "none")
+    }
+    assert est["q4_k_m"] > est["none"]

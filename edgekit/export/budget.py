@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 from edgekit.checkpoint.load import ModelSpec
 from edgekit.errors import EdgekitError
-from edgekit.export.quantize import QuantConfig
+from edgekit.export.quantize import QuantConfig, more_bits_layers
 
 FIXED_OVERHEAD = 150 * 1024**2
 WEIGHT_OVERHEAD = 0.10
@@ -76,6 +76,13 @@ def estimate_memory(spec: ModelSpec, kept: int, quant: QuantConfig, context: int
     norms = (2 * spec.num_layers + 1) * spec.hidden * fb
     rotary = 2 * context * head_dim // 2 * fb if kept else 0
     weights = kept * attn + spec.num_layers * mlp + embedding + lm_head + norms + rotary
+    if quant.mode == "int4":  # mixed precision: some layers' v_proj and down_proj at 8 bits (quantize.py)
+        raised = quant.int8_layers or more_bits_layers(quant.int4_mix, spec.num_layers)
+        per_layer = sum(
+            _matrix_bytes(rows, cols, 8, quant, fb) - _matrix_bytes(rows, cols, 4, quant, fb)
+            for rows, cols in ((spec.hidden, kv_out), (spec.intermediate, spec.hidden))
+        )
+        weights += len(raised) * per_layer
 
     kv = int(2 * kept * spec.kv_heads * head_dim * context * quant.kv_format().bytes_per_value())
     chunk = min(PREFILL_CHUNK, context)

@@ -48,7 +48,8 @@ def _linear_names(ckpt: Any, i: int) -> dict[str, list[str]]:
         return template.format(i=i, p="weight").removesuffix(".weight")
 
     return {
-        module(names.q): [f"{p}/attn/qkv_proj"],
+        # q, k and v read the same input: one Hessian for the packed projection or its q/k and v halves
+        module(names.q): [f"{p}/attn/qkv_proj", f"{p}/attn/qk_proj", f"{p}/attn/v_proj"],
         module(names.o): [f"{p}/attn/o_proj"],
         module(names.gate): [f"{p}/mlp/gate_proj", f"{p}/mlp/up_proj"],
         module(names.down): [f"{p}/mlp/down_proj"],

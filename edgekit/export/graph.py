@@ -198,8 +198,8 @@ def _norm(g: GraphWriter, x: str, gamma: np.ndarray, eps: float, label: str) -> 
     )[0]
 
 
-def _normed_heads(g: GraphWriter, ckpt: Checkpoint, i: int, qkv: str) -> list[str]:
-    """q, k, v from the packed projection, q and k RMS-normalized per head (Qwen3), for GQA to rotate.
+def _normed_heads(g: GraphWriter, ckpt: Checkpoint, i: int, q: str, k: str) -> list[str]:
+    """q and k RMS-normalized per head (Qwen3, Gemma 3), for GQA to rotate.
 
     onnxruntime 1.32's GroupQueryAttention declares q_norm_weight/k_norm_weight inputs, but its CPU kernel
     refuses them ("implemented only on the CUDA and WebGPU EPs"), so the norms are nodes of their own.
@@ -210,39 +210,52 @@ def _normed_heads(g: GraphWriter, ckpt: Checkpoint, i: int, qkv: str) -> list[st
             f"unsupported: per-head q/k norms with head_dim {spec.head_dim} (the fused graph pads heads to a "
             f"multiple of {GQA_HEAD_MULTIPLE}, which changes the norm): use --flavour standard"
         )
-    sizes = [spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.kv_heads * spec.head_dim]
-    q, k, v = g.op("Split", [qkv, g.const(f"{p}/qkv_sizes", np.array(sizes, np.int64))], 3, f"{p}/qkv_split", axis=-1)
     out = []
     for key, x, heads, gamma in (("q", q, spec.heads, names.q_norm), ("k", k, spec.kv_heads, names.k_norm)):
         split = g.op("Reshape", [x, g.const(f"{p}/{key}_heads_shape", np.array([0, 0, heads, -1], np.int64))])[0]
         normed = _norm(g, split, ckpt.norm_weight(gamma.format(i=i)), spec.rms_eps, f"{p}/{key}_norm")
         out.append(g.op("Reshape", [normed, g.const(f"{p}/{key}_merge_shape", np.array([0, 0, -1], np.int64))])[0])
-    return [*out, v]
+    return out
+
+
+def _projections(g: GraphWriter, ckpt: Checkpoint, i: int, x: str) -> list[str]:
+    """GroupQueryAttention's first three inputs: [packed qkv, "", ""], or [q, k, v] where they must be
+    apart: per-head q/k norms, or a layer whose v_proj mixed precision keeps at 8 bits (QuantConfig.int8_layers;
+    q and k stay one 4-bit MatMul)."""
+    spec, names, w, p = ckpt.spec, ckpt.family.names, ckpt.weights, f"/model/layers.{i}/attn"
+    heads = {names.q: spec.heads, names.k: spec.kv_heads, names.v: spec.kv_heads}
+
+    def stacked(parts: tuple[str, ...], kind: str) -> np.ndarray:
+        arrays = [pad_heads(w.get(n.format(i=i, p=kind)), heads[n], spec.head_dim, 0) for n in parts]
+        return stack_rows(arrays) if kind == "weight" else np.concatenate(arrays)
+
+    def linear(parts: tuple[str, ...], name: str, layer: int | None) -> str:
+        bias = stacked(parts, "bias") if ckpt.family.qkv_bias else None
+        return g.linear(x, stacked(parts, "weight"), f"{p}/{name}", "attn", bias, layer=layer)
+
+    hd = padded_head_dim(spec.head_dim)
+    q_out, kv_out = spec.heads * hd, spec.kv_heads * hd
+    if g.quant.bits_for("attn", i) != g.quant.bits_for("attn"):  # v_proj raised, as llama.cpp's Q4_K_M does
+        qk = linear((names.q, names.k), "qk_proj", None)
+        q, k = g.op(
+            "Split", [qk, g.const(f"{p}/qk_sizes", np.array([q_out, kv_out], np.int64))], 2, f"{p}/qk_split", axis=-1
+        )
+        v = linear((names.v,), "v_proj", i)
+    else:
+        qkv = linear((names.q, names.k, names.v), "qkv_proj", None)
+        if not ckpt.family.qk_norm:
+            return [qkv, "", ""]
+        sizes = np.array([q_out, kv_out, kv_out], np.int64)
+        q, k, v = g.op("Split", [qkv, g.const(f"{p}/qkv_sizes", sizes)], 3, f"{p}/qkv_split", axis=-1)
+    if ckpt.family.qk_norm:
+        q, k = _normed_heads(g, ckpt, i, q, k)
+    return [q, k, v]
 
 
 def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _AttentionInputs) -> str:
     """Layer i's attention sublayer (fused QKV → GroupQueryAttention → o_proj) on KV-cache slot `slot`."""
     spec, names, w, p = ckpt.spec, ckpt.family.names, ckpt.weights, f"/model/layers.{i}"
-    heads = (spec.heads, spec.kv_heads, spec.kv_heads)
-    qkv_w = stack_rows(
-        [
-            pad_heads(w.get(n.format(i=i, p="weight")), h, spec.head_dim, 0)
-            for n, h in zip((names.q, names.k, names.v), heads, strict=True)
-        ]
-    )
-    qkv_b = None
-    if ckpt.family.qkv_bias:
-        qkv_b = np.concatenate(
-            [
-                pad_heads(w.get(n.format(i=i, p="bias")), h, spec.head_dim, 0)
-                for n, h in zip((names.q, names.k, names.v), heads, strict=True)
-            ]
-        )
-    qkv = g.linear(x, qkv_w, f"{p}/attn/qkv_proj", "attn", qkv_b)
-    del qkv_w
-    qkv_inputs = [qkv, "", ""]
-    if ckpt.family.qk_norm:
-        qkv_inputs = _normed_heads(g, ckpt, i, qkv)
+    qkv_inputs = _projections(g, ckpt, i, x)
     attn_outs = [f"{p}/attn/GQA/out", f"present.{slot}.key", f"present.{slot}.value"]
     past = [f"past_key_values.{slot}.key", f"past_key_values.{slot}.value"]
     window = spec.window(i, a.context) or -1
@@ -292,7 +305,7 @@ def _mlp(g: GraphWriter, ckpt: Checkpoint, i: int, x: str) -> str:
         sig = g.op("Sigmoid", [gate], name=f"{p}/mlp/act/Sigmoid")[0]
         act = g.op("Mul", [gate, sig], name=f"{p}/mlp/act/Mul")[0]
     gated = g.op("Mul", [act, up], name=f"{p}/mlp/Mul")[0]
-    out = g.linear(gated, w.get(names.down.format(i=i)), f"{p}/mlp/down_proj", "mlp")
+    out = g.linear(gated, w.get(names.down.format(i=i)), f"{p}/mlp/down_proj", "mlp", layer=i)
     if names.mlp_out_norm:
         out = _norm(g, out, ckpt.norm_weight(names.mlp_out_norm.format(i=i)), ckpt.spec.rms_eps, f"{p}/mlp_out_norm")
     return out

@@ -122,11 +122,21 @@ class GraphWriter:
     def float_const(self, name: str, array: np.ndarray) -> str:
         return self.const(name, array.astype(self.quant.float_dtype))
 
-    def linear(self, x: str, weight: np.ndarray | Blocks, name: str, role: str, bias: np.ndarray | None = None) -> str:
-        """y = x @ weight.T (+ bias), weight in Hugging Face [out, in] layout (or a GGUF's own blocks)."""
+    def linear(
+        self,
+        x: str,
+        weight: np.ndarray | Blocks,
+        name: str,
+        role: str,
+        bias: np.ndarray | None = None,
+        layer: int | None = None,
+    ) -> str:
+        """y = x @ weight.T (+ bias), weight in Hugging Face [out, in] layout (or a GGUF's own blocks).
+
+        `layer`: for the matrices mixed precision may keep at 8 bits (QuantConfig.int8_layers)."""
         w_name, out = f"{name}.weight", f"{name}/MatMul/out"
         node = matmul_node(x, w_name, out, f"{name}/MatMul")
-        bits = self.quant.bits_for(role)
+        bits = self.quant.bits_for(role, layer)
         if (
             bits == 4
             and self.quant.int4_algo == "q4_1"

@@ -28,7 +28,7 @@ from edgekit.export.graph_standard import build_standard_decoder
 from edgekit.export.int4 import AUTO, NEEDS_CALIBRATION, default_int4_algo
 from edgekit.export.kv_cache import calibrate_kv_scales
 from edgekit.export.memory import RssWatch, plan_export_memory
-from edgekit.export.quantize import QuantConfig
+from edgekit.export.quantize import QuantConfig, more_bits_layers
 from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, unskipped_perplexity, verify
 from edgekit.export.verify_streaming import verify_streaming
 from edgekit.quality.analyze import default_calib
@@ -90,6 +90,8 @@ def default_quant(model: str) -> str:
 
 def _resolved_int4(req: ExportRequest, ckpt: Checkpoint, streaming: bool) -> QuantConfig:
     q = req.quant
+    if q.mode == "int4" and not q.int8_layers:
+        q = replace(q, int8_layers=more_bits_layers(q.int4_mix, ckpt.spec.num_layers))
     if q.int4_algo != AUTO:
         return q
     fits = not streaming and not should_stream(ckpt)

@@ -30,6 +30,21 @@ INT8_KERNELS = ("blockwise", "dynamic")
 # llama.cpp's, with block offsets).
 
 
+# Which matrices of an int4 export keep 8 bits. "q4_k_m": llama.cpp's rule for its Q4_K_M files
+# (use_more_bits in src/llama-quant.cpp: the first and last eighth of the layers and every third layer
+# between), applied as there to each such layer's v_proj (split from the packed q/k projection) and
+# down_proj; llama.cpp gives those Q6_K, MatMulNBits has no 6 bits, so they get 8 (BENCHMARKS.md, "int4").
+INT4_MIXES = ("none", "q4_k_m")
+
+
+def more_bits_layers(mix: str, num_layers: int) -> tuple[int, ...]:
+    """The layers whose qkv and down projections an int4 export keeps at 8 bits under `mix`."""
+    if mix == "none":
+        return ()
+    eighth = num_layers // 8
+    return tuple(i for i in range(num_layers) if i < eighth or i >= 7 * num_layers // 8 or (i - eighth) % 3 == 2)
+
+
 INT4_DESCRIPTIONS = {
     "kquant": "onnxruntime k-quant (quant_tensor_k_quant), uint8 zero points",
     "hqq": "onnxruntime HQQ, zero points rounded to integers and scales refitted (edgekit.export.int4)",
@@ -50,6 +65,8 @@ class QuantConfig:
     int8_kernel: str = "blockwise"  # int8 only; see INT8_KERNELS
     int4_algo: str = AUTO  # int4 (and keep's fallback) only; see int4.py; the pipeline resolves "auto"
     kv_cache: str = "auto"  # the KV cache's element type (kv_cache.py); auto: the activations' float type
+    int4_mix: str = "q4_k_m"  # int4 only: which matrices keep 8 bits (INT4_MIXES); resolved to int8_layers
+    int8_layers: tuple[int, ...] = ()  # layers whose qkv and down_proj are 8-bit in an int4 export
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -71,6 +88,8 @@ class QuantConfig:
         if self.kv_cache not in KV_CACHES:
             raise EdgekitError(f"--kv-cache {self.kv_cache}: choose one of {', '.join(KV_CACHES)}")
         self.kv_format()  # refuses a float cache of the other type than the activations
+        if self.int4_mix not in INT4_MIXES:
+            raise EdgekitError(f"--int4-mix {self.int4_mix}: choose one of {', '.join(INT4_MIXES)}")
         if self.int4_algo in ("kquant", "hqq") and self.symmetric:
             raise EdgekitError(f"--int4-algo {self.int4_algo} fits a zero point per block: not with --symmetric")
 
@@ -90,12 +109,16 @@ class QuantConfig:
     def float_dtype(self) -> np.dtype:
         return np.dtype(np.float16) if self.mode == "fp16" else np.dtype(np.float32)
 
-    def bits_for(self, role: str) -> int | None:
-        """Bits for a MatMul weight of the given role ('attn', 'mlp', 'lm_head'); None keeps it float."""
+    def bits_for(self, role: str, layer: int | None = None) -> int | None:
+        """Bits for a MatMul weight of the given role ('attn', 'mlp', 'lm_head'); None keeps it float.
+
+        `layer`: given for the matrices mixed precision may raise (qkv, down_proj), see int8_layers."""
         if self.bits is None:
             return None
         if role == "lm_head" and self.lm_head_bits is not None:
             return None if self.lm_head_bits == 32 else self.lm_head_bits
+        if self.mode == "int4" and layer is not None and layer in self.int8_layers:
+            return 8
         return self.bits
 
     @property
