@@ -42,6 +42,22 @@ def save_random_model(model, folder: Path) -> Path:
     return folder
 
 
+def check_fp32_parity_and_int4(src: Path, skip_layers: str, tmp_path: Path) -> None:
+    """A model at a real layer shape: fp32 matches PyTorch to 1e-4 of the logit scale with `skip_layers`
+    removed, and int4's perplexity stays within 10% of fp32 PyTorch's (top-1 is noise on random weights)."""
+    from edgekit.bundle.folder import read_bundle
+
+    for quant in ("fp32", "int4"):
+        out = tmp_path / f"b-{quant}"
+        export(ExportRequest(model=str(src), skip_layers=skip_layers, quant=QuantConfig(mode=quant), output=out))
+        v = read_bundle(out).manifest["verification"]
+        if quant == "fp32":
+            assert v["passed"] and v["greedy_match"], v
+            assert v["max_abs_logit_diff"] < 1e-4 * max(v["max_abs_logit"], 0.1), v
+        else:
+            assert abs(v["ppl_onnx"] - v["ppl_torch_fp32"]) < 0.1 * v["ppl_torch_fp32"], v
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline() -> None:
     # Tests never reach the network; a stray hub call fails fast instead of hanging.

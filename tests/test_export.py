@@ -18,15 +18,6 @@ from edgekit.skip.surgery import apply_skip, full_logits
 IDS = [1, 403, 407, 261, 378, 308, 260, 403, 429, 414, 280, 300, 365, 302]
 
 
-def _incremental_logits(session: DecoderSession, ids: list[int], prefill: int) -> np.ndarray:
-    logits, cache = session.forward(np.asarray([ids[:prefill]]))
-    out = [logits[0]]
-    for tok in ids[prefill:]:
-        logits, cache = session.forward(np.asarray([[tok]]), cache)
-        out.append(logits[0])
-    return np.concatenate(out)
-
-
 @pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
 @pytest.mark.parametrize("skip", [0, 2])
 def test_kv_cache_decode_equals_full_forward(bundle_factory, skip, quant):
@@ -34,7 +25,7 @@ def test_kv_cache_decode_equals_full_forward(bundle_factory, skip, quant):
     session = DecoderSession(bundle.model_file)
     assert session.kv_slots == 5 - skip
     full = session.logits(IDS)
-    stepped = _incremental_logits(session, IDS, prefill=5)
+    stepped = session.cached_logits(IDS, prefill=5)
     scale = np.abs(full).max()
     # Quantized MatMulNBits (accuracy level 4) takes a different MLAS kernel for one row (decode) than for
     # many (prefill), so their int8 rounding differs slightly; fp32 must match to float noise.
@@ -55,7 +46,7 @@ def test_dynamic_int8_runs_on_qgemm_and_stays_close(bundle_factory):
     assert v["ppl_onnx"] <= 1.05 * v["ppl_torch_fp32"] and v["top1_agreement"] >= 0.9
     session = DecoderSession(bundle.model_file)
     full = session.logits(IDS)
-    stepped = _incremental_logits(session, IDS, prefill=5)
+    stepped = session.cached_logits(IDS, prefill=5)
     # One activation scale per tensor and call: a prompt and a single token round differently, and more
     # coarsely than MatMulNBits' per-block scales (measured: up to 9% of the logit scale, against ~1%).
     assert np.abs(stepped - full).max() <= 0.15 * np.abs(full).max()
@@ -69,7 +60,7 @@ def test_fp32_export_matches_pytorch(bundle_factory, stories_path, skip):
     bundle = read_bundle(bundle_factory(skip=skip, quant="fp32"))
     model = apply_skip(load_torch_model(open_checkpoint(stories_path, "s")), last_n(skip, 5))
     ref = full_logits(model, IDS).numpy()
-    got = _incremental_logits(DecoderSession(bundle.model_file), IDS, prefill=6)
+    got = DecoderSession(bundle.model_file).cached_logits(IDS, prefill=6)
     assert np.abs(got - ref).max() < 1e-3
     v = bundle.manifest["verification"]
     assert v["passed"] and v["greedy_match"] and v["top1_agreement"] == 1.0

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import save_random_model
+from conftest import check_fp32_parity_and_int4, save_random_model
 
 from edgekit.bundle.folder import read_bundle
 from edgekit.export.pipeline import ExportRequest, export
@@ -178,15 +178,7 @@ def test_gemma3_at_the_real_270m_layer_shape(tmp_path):
         },
     )  # fmt: skip
     src = save_random_model(_model(config), tmp_path / "gemma3-270m-shape")
-    for quant in ("fp32", "int4"):
-        out = tmp_path / f"b-{quant}"
-        export(ExportRequest(model=str(src), skip_layers="2", quant=QuantConfig(mode=quant), output=out))
-        v = read_bundle(out).manifest["verification"]
-        if quant == "fp32":
-            assert v["passed"] and v["greedy_match"], v
-            assert v["max_abs_logit_diff"] < 1e-4 * max(v["max_abs_logit"], 0.1), v
-        else:
-            assert abs(v["ppl_onnx"] - v["ppl_torch_fp32"]) < 0.1 * v["ppl_torch_fp32"], v
+    check_fp32_parity_and_int4(src, "2", tmp_path)
 
 
 def test_a_bf16_gemma3_checkpoint_missing_a_sandwich_norm_is_refused_in_one_line(tmp_path):

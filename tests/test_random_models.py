@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import SMALL_SHAPE, save_random_model
+from conftest import SMALL_SHAPE, check_fp32_parity_and_int4, save_random_model
 
 from edgekit.bundle.folder import read_bundle
 from edgekit.export.pipeline import ExportRequest, export
@@ -112,15 +112,7 @@ def test_qwen3_at_the_real_0_6b_layer_shape(tmp_path, stories_path):
             layer.self_attn.q_norm.weight.normal_(1, 0.5)
             layer.self_attn.k_norm.weight.normal_(1, 0.5)
     src = save_random_model(model, tmp_path / "qwen3-0.6b-shape")
-    for quant in ("fp32", "int4"):
-        out = tmp_path / f"b-{quant}"
-        export(ExportRequest(model=str(src), skip_layers="1", quant=QuantConfig(mode=quant), output=out))
-        v = read_bundle(out).manifest["verification"]
-        if quant == "fp32":
-            assert v["passed"] and v["greedy_match"], v
-            assert v["max_abs_logit_diff"] < 1e-4 * max(v["max_abs_logit"], 0.1), v
-        else:
-            assert abs(v["ppl_onnx"] - v["ppl_torch_fp32"]) < 0.1 * v["ppl_torch_fp32"], v
+    check_fp32_parity_and_int4(src, "1", tmp_path)
 
 
 def test_onnxruntime_genai_runs_a_qwen3_int4_bundle_as_edgekit_does(tmp_path, stories_path):

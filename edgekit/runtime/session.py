@@ -72,12 +72,12 @@ class DecoderSession:
         """Logits [seq, vocab] for one sequence in a single prefill."""
         return self.forward(np.asarray([token_ids]))[0][0]
 
-    def cached_logits(self, token_ids: list[int], prompt_len: int) -> np.ndarray:
-        """Logits [seq, vocab] for one sequence: its first `prompt_len` tokens in one prefill, then one
-        token per step through the KV cache (what parity checks past a sliding window need)."""
-        logits, cache = self.forward(np.asarray([token_ids[:prompt_len]]))
+    def cached_logits(self, token_ids: list[int], prefill: int) -> np.ndarray:
+        """Logits [seq, vocab] for one sequence: its first `prefill` tokens in one forward, then one token
+        per step through the KV cache (what parity checks past a sliding window need)."""
+        logits, cache = self.forward(np.asarray([token_ids[:prefill]]))
         rows = [logits[0]]
-        for t in token_ids[prompt_len:]:
+        for t in token_ids[prefill:]:
             step, cache = self.forward(np.asarray([[t]]), cache)
             rows.append(step[0])
         return np.concatenate(rows)
