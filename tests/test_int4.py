@@ -234,8 +234,8 @@ def test_the_q4_k_m_mix_is_llama_cpps_use_more_bits_rule():
     assert more_bits_layers("none", 30) == ()
 
 
-def test_the_default_int4_keeps_qkv_and_down_at_8_bits_in_the_mixed_layers(tmp_path, stories_path):
-    """Default int4 (mix q4_k_m) on stories260K: layers 2 and 4's v_proj (split from q/k) and down_proj are
+def test_the_q4_k_m_mix_keeps_v_and_down_at_8_bits_in_the_rule_layers(tmp_path, stories_path):
+    """int4 with the q4_k_m mix on stories260K: layers 2 and 4's v_proj (split from q/k) and down_proj are
     8-bit MatMulNBits, every other matrix 4-bit; `--int4-mix none` has none; the manifest and the memory
     estimate say so."""
     from edgekit.export.budget import estimate_memory
@@ -248,9 +248,8 @@ def test_the_default_int4_keeps_qkv_and_down_at_8_bits_in_the_mixed_layers(tmp_p
             if n.op_type == "MatMulNBits"
         }
 
-    mixed = export(
-        ExportRequest(model=str(stories_path), quant=QuantConfig(mode="int4", int4_algo="rtn"), output=tmp_path / "m")
-    )
+    mixed_quant = QuantConfig(mode="int4", int4_algo="rtn", int4_mix="q4_k_m")
+    mixed = export(ExportRequest(model=str(stories_path), quant=mixed_quant, output=tmp_path / "m"))
     plain = export(
         ExportRequest(
             model=str(stories_path),

@@ -217,12 +217,12 @@ def test_budget_refuses_7b_fp16_on_a_pi_and_says_what_fits():
     int4 = QuantConfig(mode="int4", lm_head_bits=8)
     assert estimate_memory(LLAMA2_7B, 32 - int(found[0]), int4, 2048, 128).total_bytes <= pi5.usable_memory_bytes
     assert estimate_memory(LLAMA2_7B, 32 - int(found[0]) + 1, int4, 2048, 128).total_bytes > pi5.usable_memory_bytes
-    # int4 7B at 2048 tokens: ~4.6 GB of weights (4.1 with every matrix 4-bit: --int4-mix none), and the
-    # KV cache shrinks with every skipped layer
+    # int4 7B at 2048 tokens: ~4.1 GB of weights (4.6 with --int4-mix q4_k_m), and the KV cache shrinks with
+    # every skipped layer
     full, skipped = (estimate_memory(LLAMA2_7B, k, int4, 2048, 128) for k in (32, 24))
-    assert 4.3 < full.weights_bytes / 1024**3 < 4.8
-    plain = estimate_memory(LLAMA2_7B, 32, replace(int4, int4_mix="none"), 2048, 128)
-    assert 3.8 < plain.weights_bytes / 1024**3 < 4.4
+    assert 3.8 < full.weights_bytes / 1024**3 < 4.4
+    mixed = estimate_memory(LLAMA2_7B, 32, replace(int4, int4_mix="q4_k_m"), 2048, 128)
+    assert 4.3 < mixed.weights_bytes / 1024**3 < 4.8
     assert skipped.kv_cache_bytes == full.kv_cache_bytes * 24 // 32
 
 
