@@ -271,3 +271,13 @@ def test_the_q4_k_m_mix_keeps_v_and_down_at_8_bits_in_the_rule_layers(tmp_path, 
         for mix in ("q4_k_m", "none")
     }
     assert est["q4_k_m"] > est["none"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp32", "keep"])
+def test_the_int4_mix_outside_int4_is_refused_in_one_line(mode):
+    from edgekit.errors import EdgekitError
+
+    with pytest.raises(
+        EdgekitError, match=r"^--int4-mix q4_k_m mixes 8-bit matrices into an int4 export: needs --quant int4$"
+    ):
+        QuantConfig(mode=mode, int4_mix="q4_k_m")

@@ -92,6 +92,10 @@ class QuantConfig:
         self.kv_format()  # refuses a float cache of the other type than the activations
         if self.int4_mix not in INT4_MIXES:
             raise EdgekitError(f"--int4-mix {self.int4_mix}: choose one of {', '.join(INT4_MIXES)}")
+        if self.int4_mix != "none" and self.mode != "int4":
+            raise EdgekitError(
+                f"--int4-mix {self.int4_mix} mixes 8-bit matrices into an int4 export: needs --quant int4"
+            )
         if self.int4_algo in ("kquant", "hqq") and self.symmetric:
             raise EdgekitError(f"--int4-algo {self.int4_algo} fits a zero point per block: not with --symmetric")
 
