@@ -8,6 +8,7 @@ that round's time ÷ the first bundle's, with the min-max range.
 
     python bench/genai_race.py GENAI_INT4 EDGEKIT_INT4 [...] --rounds 9 --threads 2
     python bench/genai_race.py --genai-int4 smollm2 EDGEKIT_INT4   # builds genai's int4 SmolLM2 first
+    python bench/genai_race.py --genai-int4 smollm2 A B --ppl-only TEXT   # perplexity of each, one protocol
 
 `--genai-int4 smollm2` writes the fetched GGUF dequantized as a Hugging Face fp32 folder and runs
 onnxruntime-genai's model builder on it (`-p int4 -e cpu`), cached under bench/work/genai_race/.
@@ -16,6 +17,7 @@ onnxruntime-genai's model builder on it (`-p int4 -e cpu`), cached under bench/w
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -52,7 +54,7 @@ def genai_int4_smollm2() -> Path:
 
 def _with_threads(bundle: Path, threads: int) -> Path:
     """A copy of the bundle's genai_config.json with the thread count (the model files are linked)."""
-    target = WORK / "runs" / f"{bundle.name}-{abs(hash(str(bundle))) % 10**6}"
+    target = WORK / "runs" / f"{bundle.name}-{hashlib.sha256(str(bundle.resolve()).encode()).hexdigest()[:8]}"
     target.mkdir(parents=True, exist_ok=True)
     for f in bundle.iterdir():
         link = target / f.name
@@ -71,6 +73,29 @@ def _prompt_ids(bundle: Path, n: int) -> list[int]:
     return (ids * (n // max(len(ids), 1) + 1))[:n]
 
 
+def perplexity(bundle: Path, ids: list[int], chunk: int = 1024) -> float:
+    """Perplexity of `ids` in chunks of `chunk`, one prefill each, no BOS, from the bundle's model.onnx by
+    onnxruntime directly: the same protocol for an edgekit bundle and a genai builder output (both have
+    input_ids, attention_mask and past_key_values.N inputs and a logits output)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    config = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]
+    past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    empty = np.zeros((1, config["num_key_value_heads"], 0, config["head_size"]), np.float32)
+    nll, scored = 0.0, 0
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        feeds = {"input_ids": np.asarray([part], np.int64), "attention_mask": np.ones((1, len(part)), np.int64)}
+        feeds |= dict.fromkeys(past, empty)
+        logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(part) - 1), part[1:]].sum())
+        scored += len(part) - 1
+    return float(np.exp(nll / scored))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="*", type=Path)
@@ -80,11 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", default="128,1024")
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--json", type=Path, default=WORK / "results.json")
+    ap.add_argument("--ppl-only", type=Path, metavar="TEXT", help="no timing: perplexity of each bundle on TEXT")
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
     args = ap.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     bundles = ([genai_int4_smollm2()] if args.genai_int4 else []) + args.bundles
     if len(bundles) < 2:
         ap.error("give at least two bundles (or --genai-int4 and one)")
+    if args.ppl_only:
+        from tokenizers import Tokenizer
+
+        text = args.ppl_only.read_text(encoding="utf-8")
+        ids = Tokenizer.from_file(str(bundles[0] / "tokenizer.json")).encode(text).ids[: args.ppl_tokens]
+        for b in bundles:
+            print(f"{b.name:32} perplexity {perplexity(b, ids):.3f} over {len(ids)} tokens (chunks of 1024)")
+        return 0
     lens = [int(n) for n in args.prompt_len.split(",")]
     ids = _prompt_ids(bundles[0], max(lens))
     runs = [_with_threads(b, args.threads) for b in bundles]
