@@ -3,6 +3,7 @@
     python bench/kv_cache.py --model smollm2                 # real SmolLM2-135M, int4 weights (default algo)
     python bench/kv_cache.py --model llama2-7b --kv auto,int8 --contexts 1024,4064 --rounds 2  # 7B, skip 8
     python bench/kv_cache.py --model smollm2 --report        # markdown from bench/work/kv_cache.jsonl
+    python bench/kv_cache.py --model gemma3-270m --kv auto,auto+window,int8+window --contexts 1024,4096
 
 Per cache type, one bundle (same weights, same skip set; only --kv-cache differs), exported once into
 bench/work/kv_cache/. Then, with 2 threads and the rounds interleaved over the bundles, edgekit's runtime
@@ -10,7 +11,10 @@ bench/work/kv_cache/. Then, with 2 threads and the rounds interleaved over the b
 SmolLM2's cache is filled by a real prefill of WikiText-2 text (its time is the prefill rate); the 7B
 shape's would take minutes per prefill on 2 cores, so its engine is set to N positions of a zero-filled
 cache: decode reads the same bytes whatever they hold, so the speed is the same (values don't matter for
-speed; quality is measured on SmolLM2). Quality: perplexity on held-out WikiText-2 (first half of valid;
+speed; quality is measured on SmolLM2). The same for Gemma 3 270M's shape (random weights at its real
+config, 262k vocabulary; no Gemma checkpoint is reachable here): a `+window` variant adds --kv-window, its
+15 local layers' cache then holds their 512-token window (plus one chunk) and the rest is never read.
+Quality: perplexity on held-out WikiText-2 (first half of valid;
 the scales are calibrated on the shipped excerpt of the second half) and mean KL against the float cache.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -41,27 +46,59 @@ MODELS = {
     # weights: only speed is measured there, and hqq's rounding would add ~25 minutes per export)
     "smollm2": ["--quant", "int4"],
     "llama2-7b": ["--quant", "int4", "--skip", "8", "--int4-algo", "rtn", "--no-verify", "--max-memory", "8GB"],
+    "gemma3-270m": ["--quant", "int4", "--int4-algo", "rtn", "--no-verify"],
 }
+GEMMA3_270M = WORK / "ckpt-gemma3-270m"
 DECODE_STEPS = 16
 
 
 def _source(model: str) -> str:
     if model == "smollm2":
         return str(fetch(SMOLLM2))
+    if model == "gemma3-270m":
+        return str(_gemma3_270m())
     if not GGUF_7B.is_file():
         raise SystemExit(f"{GGUF_7B} is missing: run `python bench/gguf_7b.py --no-export` first")
     return str(GGUF_7B)
 
 
-def _bundle(model: str, kv: str) -> Path:
-    out = WORK / "kv_cache" / f"{model}-{kv}"
+def _gemma3_270m() -> Path:
+    """google/gemma-3-270m's config (18 layers, 5 local : 1 global, window 512), random weights, bf16."""
+    if (GEMMA3_270M / "config.json").is_file():
+        return GEMMA3_270M
+    import torch
+    from make_checkpoint import TOKENIZER_FILES, TOKENIZER_SRC
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(GEMMA3_270M)
+    for name in TOKENIZER_FILES:  # stories260K's: its 512 ids fit; the text is noise on random weights anyway
+        shutil.copyfile(TOKENIZER_SRC / name, GEMMA3_270M / name)
+    return GEMMA3_270M
+
+
+def _bundle(model: str, variant: str) -> Path:
+    """`variant`: a --kv-cache value, `+window` for --kv-window."""
+    out = WORK / "kv_cache" / f"{model}-{variant}"
     if (out / "edgekit.json").is_file():
         return out
     edgekit = str(Path(sys.executable).with_name("edgekit"))
-    res = run([edgekit, "export", _source(model), *MODELS[model], "--kv-cache", kv, "-o", str(out), "--force"])
+    kv, _, window = variant.partition("+")
+    flags = ["--kv-cache", kv, *(["--kv-window"] if window else [])]
+    res = run([edgekit, "export", _source(model), *MODELS[model], *flags, "-o", str(out), "--force"])
     if res["returncode"] != 0:
         raise SystemExit(f"export {out.name} failed")
-    _append({"kind": "export", "model": model, "kv": kv, **{k: res[k] for k in ("wall_s", "peak_rss_bytes")}})
+    _append({"kind": "export", "model": model, "kv": variant, **{k: res[k] for k in ("wall_s", "peak_rss_bytes")}})
     return out
 
 
@@ -96,6 +133,7 @@ def _decode(bundle: Path, contexts: list[int], real_fill: bool) -> dict[int, dic
         else:  # a zero-filled cache of n positions: the bytes decode reads, not their values, set its speed
             engine.forward([1])
             engine.length = n
+            engine.window_length = min(n, engine.window)  # window-sized slots hold the last window
             token = 1
         steps = []
         for _ in range(DECODE_STEPS):

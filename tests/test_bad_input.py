@@ -118,6 +118,16 @@ ROWS: list[Row] = [
         (*EXPORT, "stories260k", "--quant", "int8", "--kv-cache", "int8", "--flavour", "standard"),
         r"--kv-cache int8: the standard graph .* no quantized cache",
     ),
+    Row(
+        "kv-window-without-a-sliding-window",
+        (*EXPORT, "stories260k", "--kv-window"),
+        r"--kv-window: no kept layer of .* has a sliding window shorter than the context",
+    ),
+    Row(
+        "kv-window-standard-flavour",
+        (*EXPORT, "stories260k", "--kv-window", "--flavour", "standard"),
+        r"--kv-window: the standard graph's cache is plain Concat ops",
+    ),
     Row("fill-unknown", (*EXPORT, "stories260k", "--skip", "1", "--fill", "median"), r"'median' is not one of"),
     Row(
         "gguf-keep-standard-flavour",

@@ -171,8 +171,21 @@ _MANIFEST = _object(
                     "kv_dtype": (_REQ, _STR),
                     "kv_heads": (_REQ, _count(1)),
                     "head_dim": (_REQ, _count(1)),
-                    "kv_slots": (_REQ, _list(_object({"slot": (_REQ, _count(0)), "layer": (_REQ, _count(0))}))),
+                    "kv_slots": (
+                        _REQ,
+                        _list(
+                            _object(
+                                {
+                                    "slot": (_REQ, _count(0)),
+                                    "layer": (_REQ, _count(0)),
+                                    "window": (_OPT, _count(1)),
+                                }
+                            )
+                        ),
+                    ),
                     "kv_bytes_per_token": (_REQ, _count(0)),
+                    "kv_window": (_OPT, _count(1)),
+                    "kv_window_bytes": (_OPT, _count(0)),
                 }
             ),
         ),

@@ -113,6 +113,13 @@ from edgekit.targets.recipes import get_recipe, resolve_options
     "calibrated on --calib; auto: the activations' float type (docs/quantization.md).",
 )
 @click.option(
+    "--kv-window",
+    is_flag=True,
+    help="Sliding-window layers (Gemma 3's local ones, Mistral's) cache only their window instead of the "
+    "whole sequence (Gemma 3 270M at 4,096 tokens: 151 MB -> 41 MB fp32). Fused graph; edgekit's runtime "
+    "only (no genai_config.json).",
+)
+@click.option(
     "--int8-kernel",
     type=click.Choice(INT8_KERNELS),
     default="blockwise",
@@ -152,6 +159,7 @@ def command(model: str, as_json: bool, **options: Any) -> None:
       edgekit export SmolLM2-135M-Instruct.Q4_1.gguf --skip auto:2      # a GGUF: its own blocks kept
       edgekit export smollm2-135m-instruct --quant int8                 # the same file, fetched by `make models`
       edgekit export smollm2-135m-instruct --quant int4 --kv-cache int8  # 4x smaller cache for long contexts
+      edgekit export gemma3-270m --quant int4 --kv-window   # local layers cache only their 512 tokens
       edgekit export llama2-7b --skip 8 --quant int8 -o out/llama2-7b-skip8-int8
       edgekit export ./my-llama-checkpoint --skip-layers 20,24-31 --quant int4
       edgekit export stories260k --skip auto:2 --calib my-text.txt   # the 2 least important (analyze)
@@ -199,6 +207,7 @@ def _request(model: str, as_json: bool, o: dict[str, Any]) -> ExportRequest:
             int4_algo=o["int4_algo"],
             int4_mix=o["int4_mix"],
             kv_cache=r["kv_cache"],
+            kv_window=o["kv_window"],
         ),
         output=o["output"],
         force=o["force"],
@@ -242,6 +251,8 @@ def _weights_line(m: dict[str, Any]) -> str:
         detail = ""
     kv = q.get("kv_cache", "float32")
     kv_note = f", KV cache {kv} (per-channel scales)" if kv in ("int8", "int4") else ""
+    if m["graph"].get("kv_window"):
+        kv_note += f", window-sized cache on {sum('window' in x for x in m['graph']['kv_slots'])} layers"
     return f"  weights    {q['mode']}{detail}{kv_note} ({m['graph']['flavour']} graph)"
 
 

@@ -5,7 +5,8 @@
               tensors even when the checkpoint ties them
     kv cache  2 (K, V) x kept layers x KV heads x head_dim (as the graph pads it) x max context x bytes
               (--kv-cache: 4 or 2 for float, 1 for int8, 1/2 for int4; the scales are negligible),
-              for one sequence: onnxruntime-genai's shared past/present buffer allocates all of it up front
+              for one sequence: onnxruntime-genai's shared past/present buffer allocates all of it up front;
+              --kv-window layers hold their window plus one chunk instead of the context
     overhead  onnxruntime's arena, prepacked MatMulNBits copies and activations: a fixed 150 MB, 10% of
               the weights, and one prefill chunk's logits, MLP and attention-score buffers
 
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from edgekit.checkpoint.load import ModelSpec
 from edgekit.errors import EdgekitError
 from edgekit.export.quantize import QuantConfig, more_bits_layers
+from edgekit.runtime.kv_engine import CAPACITY_STEP
 
 FIXED_OVERHEAD = 150 * 1024**2
 WEIGHT_OVERHEAD = 0.10
@@ -84,11 +86,24 @@ def estimate_memory(spec: ModelSpec, kept: int, quant: QuantConfig, context: int
         )
         weights += len(raised) * per_layer
 
-    kv = int(2 * kept * spec.kv_heads * head_dim * context * quant.kv_format().bytes_per_value())
+    positions = _kv_positions(spec, kept, quant, context)
+    kv = int(2 * spec.kv_heads * head_dim * positions * quant.kv_format().bytes_per_value())
     chunk = min(PREFILL_CHUNK, context)
     activations = chunk * 4 * (spec.vocab + 3 * spec.intermediate + 4 * spec.hidden) + 4 * spec.heads * chunk * context
     overhead = FIXED_OVERHEAD + int(WEIGHT_OVERHEAD * weights) + activations
     return MemoryEstimate(weights, kv, overhead, context, kept, quant.mode, head_dim)
+
+
+def _kv_positions(spec: ModelSpec, kept: int, quant: QuantConfig, context: int) -> int:
+    """Cached positions over all kept layers. With --kv-window a sliding-window layer holds its window plus
+    the runtime's one chunk of room; not knowing which layers a skip count removes, the estimate assumes
+    they are windowed ones (the fewest window-sized caches: an over-estimate, as the rest of it)."""
+    if not quant.kv_window:
+        return kept * context
+    windowed = sum(1 for i in range(spec.num_layers) if spec.window(i, context))
+    windowed_kept = max(0, windowed - (spec.num_layers - kept))
+    held = min(context, (spec.sliding_window or context) + CAPACITY_STEP)
+    return (kept - windowed_kept) * context + windowed_kept * held
 
 
 def _gb(n: float) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.export.graph import pad_heads, padded_head_dim
+from edgekit.export.heads import pad_heads, padded_head_dim
 from edgekit.export.int4 import InputHessian
 
 # GPTQ's reference setting is 128 sequences of 2,048 tokens. 4,096 tokens (more than the widest K, 1,536 on

@@ -10,8 +10,10 @@ from typing import Any
 from edgekit.bundle.genai_config import genai_config, write_genai_config
 from edgekit.checkpoint.load import Checkpoint
 from edgekit.errors import EdgekitError
+from edgekit.export.attention_inputs import window_slots
 from edgekit.export.budget import MemoryEstimate, check_or_estimate
-from edgekit.export.graph import FLAVOURS, padded_head_dim
+from edgekit.export.graph import FLAVOURS
+from edgekit.export.heads import padded_head_dim
 from edgekit.export.mobile import check_ort_size, convert_to_ort, make_fixed_variants
 from edgekit.export.onnx_writer import GraphContract
 from edgekit.skip.skipset import SkipSet
@@ -46,6 +48,8 @@ def plan_target(req: Any, ckpt: Checkpoint, skip: SkipSet, context: int) -> Memo
     elif recipe is not None:
         usable = recipe.usable_memory_bytes
         device = f"recipe {recipe.name} ({recipe.memory_gb:g} GB, {recipe.reserved_gb:g} GB reserved)"
+    if req.quant.kv_window and skip.kept:
+        window_slots(ckpt, skip, context)  # refuses a model with no sliding window, before anything is written
     hd = graph_head_dim(req.flavour, ckpt.spec.head_dim)
     est = check_or_estimate(ckpt.spec, len(skip.skipped), req.quant, context, hd, usable, device)
     if recipe is not None and recipe.emit_ort:
@@ -72,7 +76,11 @@ def finish_target(
         providers=list(recipe.providers) if recipe else None,
         threads=recipe.threads if recipe else None,
     )
-    out: dict[str, Any] = {"genai": {"config": write_genai_config(folder, cfg), "onnxruntime_genai": ">=0.18"}}
+    # onnxruntime-genai sizes every cache slot alike and feeds no window_attention_mask: a --kv-window bundle
+    # is edgekit's runtime's only (export without --kv-window for genai)
+    out: dict[str, Any] = {}
+    if not contract.window_slots:
+        out["genai"] = {"config": write_genai_config(folder, cfg), "onnxruntime_genai": ">=0.18"}
     if recipe is None:
         return out
     fixed: dict[str, str] = {}

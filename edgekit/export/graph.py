@@ -15,59 +15,32 @@ cache input or output; KV slots are numbered over the kept layers only (`past_ke
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper
 
-from edgekit.checkpoint.load import Checkpoint, rotary_tables
+from edgekit.checkpoint.load import Checkpoint
 from edgekit.errors import EdgekitError
+from edgekit.export.attention_inputs import AttentionInputs, attention_inputs, window_slots
 from edgekit.export.gguf_blocks import Blocks, KeptWeights, gather_blocks, stack_rows
+from edgekit.export.heads import GQA_HEAD_MULTIPLE, pad_heads, padded_head_dim
 from edgekit.export.kv_cache import KVScales, format_named
 from edgekit.export.onnx_writer import MS_DOMAIN, OPSET, GraphContract, GraphWriter, TensorSink, write_model
 from edgekit.export.quantize import QuantConfig, quantize_node
 from edgekit.skip.skipset import SkipSet
 
 FLAVOURS = ("fused", "standard")  # the fused graph (this module) and graph_standard.py
-GQA_HEAD_MULTIPLE = 16  # onnxruntime's CPU GroupQueryAttention needs head_size % 16 == 0
-
-
-def padded_head_dim(head_dim: int) -> int:
-    return -(-head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
-
-
-def pad_heads(x: np.ndarray, heads: int, head_dim: int, axis: int) -> np.ndarray:
-    """Zero-pad each head along `axis` from head_dim to the GQA multiple, keeping rotary pairs intact.
-
-    Rotary (rotate_half) pairs dimension j with j + d/2, so the real halves go to the front of each
-    padded half: [a0..a3, 0.., a4..a7, 0..]. Zeros add nothing to q·k and the padded value columns meet
-    zero columns of o_proj, so the attention result is unchanged; only the KV cache is wider.
-    """
-    pdim = padded_head_dim(head_dim)
-    if pdim == head_dim:
-        return x
-    x = np.moveaxis(x, axis, 0)
-    heads_view = x.reshape(heads, head_dim, *x.shape[1:])
-    out = np.zeros((heads, pdim, *x.shape[1:]), dtype=x.dtype)
-    half, phalf = head_dim // 2, pdim // 2
-    out[:, :half] = heads_view[:, :half]
-    out[:, phalf : phalf + half] = heads_view[:, half:]
-    return np.moveaxis(out.reshape(heads * pdim, *x.shape[1:]), 0, axis)
-
-
-def pad_rotary(table: np.ndarray, head_dim: int, fill: float) -> np.ndarray:
-    pdim = padded_head_dim(head_dim)
-    if pdim == head_dim:
-        return table
-    pad = np.full((table.shape[0], (pdim - head_dim) // 2), fill, dtype=table.dtype)
-    return np.concatenate([table, pad], axis=1)
 
 
 def graph_manifest(contract: GraphContract, data_file: str | None) -> dict[str, Any]:
     """The manifest's graph section for the fused flavour (export.device rewrites it for the standard one)."""
     value_bytes = format_named(contract.kv_dtype).bytes_per_value()
+    slot_bytes = 2 * contract.kv_heads * contract.head_dim * value_bytes  # one slot's key + value, one position
+    growing = len(contract.kept_layers) - len(contract.window_slots)
+    window = {"kv_window_bytes": int(slot_bytes * len(contract.window_slots) * contract.kv_window)}
     return {
         "file": "model.onnx",
         "external_data": data_file,
@@ -80,7 +53,9 @@ def graph_manifest(contract: GraphContract, data_file: str | None) -> dict[str, 
             "GatherBlockQuantized",
         ],
         **contract.to_manifest(),
-        "kv_bytes_per_token": int(2 * len(contract.kept_layers) * contract.kv_heads * contract.head_dim * value_bytes),
+        # window-sized slots (--kv-window) hold a fixed kv_window_bytes (the runtime adds one chunk's room)
+        "kv_bytes_per_token": int(slot_bytes * growing),
+        **(window if contract.window_slots else {}),
     }
 
 
@@ -124,17 +99,6 @@ class _ResidualStream:
         return outs[0]
 
 
-@dataclass(frozen=True)
-class _AttentionInputs:
-    """What every GroupQueryAttention node of a step shares: per-row lengths and the rotary caches."""
-
-    seqlens_k: str
-    total_len: str
-    rotary: dict[str, tuple[str, str]]  # ModelSpec.rope_kind → (cos cache, sin cache)
-    context: int
-    kv_scales: KVScales | None = None  # a quantized cache's per-channel scales (kv_cache.py)
-
-
 def _embedding(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, fdt: int) -> tuple[str, Any]:
     """The token embedding's output, and the table itself when lm_head is tied to it (read once)."""
     embed = ckpt.weights.get(ckpt.family.names.embed)
@@ -158,32 +122,6 @@ def _embedding(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, fdt: int) -
     else:
         out = g.op("Gather", [g.float_const("embed_tokens.weight", embed), "input_ids"], name="/embed")[0]
     return out, (embed if ckpt.spec.tie_embeddings else None)
-
-
-def _attention_inputs(
-    g: GraphWriter, ckpt: Checkpoint, skip: SkipSet, context: int, kv_scales: KVScales | None
-) -> _AttentionInputs:
-    # GroupQueryAttention derives positions and causal masking from per-row lengths.
-    mask_sum = g.op(
-        "ReduceSum",
-        ["attention_mask", g.const("axes_1", np.array([1], np.int64))],
-        keepdims=0,
-        name="/attn_mask/ReduceSum",
-    )[0]
-    seqlens = g.op("Sub", [mask_sum, g.const("one_i64", np.array(1, np.int64))], name="/attn_mask/Sub")[0]
-    seqlens_k = g.op("Cast", [seqlens], to=TensorProto.INT32, name="/attn_mask/seqlens_k")[0]
-    mask_shape = g.op("Shape", ["attention_mask"], name="/attn_mask/Shape")[0]
-    total = g.op("Gather", [mask_shape, g.const("idx_1", np.array(1, np.int64))], name="/attn_mask/total")[0]
-    total_len = g.op("Cast", [total], to=TensorProto.INT32, name="/attn_mask/total_i32")[0]
-    rotary = {}
-    for kind in sorted({ckpt.spec.rope_kind(i) for i in skip.kept}):
-        cos, sin = rotary_tables(ckpt, context, kind)
-        suffix = f".{kind}" if kind else ""
-        rotary[kind] = (
-            g.float_const(f"cos_cache{suffix}", pad_rotary(cos, ckpt.spec.head_dim, 1.0)),
-            g.float_const(f"sin_cache{suffix}", pad_rotary(sin, ckpt.spec.head_dim, 0.0)),
-        )
-    return _AttentionInputs(seqlens_k, total_len, rotary, context, kv_scales)
 
 
 def _norm(g: GraphWriter, x: str, gamma: np.ndarray, eps: float, label: str) -> str:
@@ -252,7 +190,7 @@ def _projections(g: GraphWriter, ckpt: Checkpoint, i: int, x: str) -> list[str]:
     return [q, k, v]
 
 
-def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _AttentionInputs) -> str:
+def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: AttentionInputs) -> str:
     """Layer i's attention sublayer (fused QKV → GroupQueryAttention → o_proj) on KV-cache slot `slot`."""
     spec, names, w, p = ckpt.spec, ckpt.family.names, ckpt.weights, f"/model/layers.{i}"
     qkv_inputs = _projections(g, ckpt, i, x)
@@ -260,21 +198,24 @@ def _attention(g: GraphWriter, ckpt: Checkpoint, i: int, slot: int, x: str, a: _
     past = [f"past_key_values.{slot}.key", f"past_key_values.{slot}.value"]
     window = spec.window(i, a.context) or -1
     cos, sin = a.rotary[spec.rope_kind(i)]
+    lengths, positions = [a.seqlens_k, a.total_len], ""
+    if a.window_lengths and window > 0:  # a window-sized cache: its own lengths, positions given
+        lengths, positions = list(a.window_lengths), a.position_ids or ""
     quantized: dict[str, Any] = {}
-    scales: list[str] = []
-    if a.kv_scales is not None:  # inputs 9-11 (position_ids, attention_bias, head_sink) stay empty
+    extra = [positions] if positions else []  # input 9; 10-11 (attention_bias, head_sink) stay empty
+    if a.kv_scales is not None:
         quantized = {
             "k_quant_type": "PER_CHANNEL",
             "v_quant_type": "PER_CHANNEL",
             "kv_cache_bit_width": a.kv_scales.bits,
         }
         # float32 even in an fp16 graph: GroupQueryAttention's scale type
-        scales = ["", "", "", g.const(f"{p}/attn/k_scale", a.kv_scales.key[slot])]
-        scales.append(g.const(f"{p}/attn/v_scale", a.kv_scales.value[slot]))
+        extra = [positions, "", "", g.const(f"{p}/attn/k_scale", a.kv_scales.key[slot])]
+        extra.append(g.const(f"{p}/attn/v_scale", a.kv_scales.value[slot]))
     g.nodes.append(
         helper.make_node(
             "GroupQueryAttention",
-            [*qkv_inputs, *past, a.seqlens_k, a.total_len, cos, sin, *scales],
+            [*qkv_inputs, *past, *lengths, cos, sin, *extra],
             attn_outs,
             name=f"{p}/attn/GQA",
             domain=MS_DOMAIN,
@@ -359,7 +300,9 @@ def build_decoder(
     kv = quant.kv_format()
     if kv.quantized and kv_scales is None and skip.kept:
         raise EdgekitError(f"--kv-cache {quant.kv_cache} needs calibrated scales (edgekit.export.kv_cache)")
-    contract = GraphContract(skip.kept, spec.kv_heads, hd, kv.name, logits_to_keep=True)
+    context = max_context or spec.max_context
+    windows, window = window_slots(ckpt, skip, context) if quant.kv_window and skip.kept else ((), 0)
+    contract = GraphContract(skip.kept, spec.kv_heads, hd, kv.name, True, windows, window)
     if quant.keeps_gguf_blocks:
         ckpt = _with_kept_blocks(ckpt)
     try:
@@ -367,16 +310,14 @@ def build_decoder(
         if ckpt.family.scaled_embedding:  # sqrt(hidden) as float32, as transformers multiplies it
             scale = g.float_const("/embed/scale", np.array(np.float32(spec.hidden**0.5)))
             embedded = g.op("Mul", [embedded, scale], name="/embed/scale")[0]
-        attention_inputs = _attention_inputs(
-            g, ckpt, skip, max_context or spec.max_context, kv_scales if kv.quantized else None
-        )
+        step = attention_inputs(g, ckpt, skip, context, kv_scales if kv.quantized else None, bool(windows))
         stream = _ResidualStream(g, embedded, spec.rms_eps)
         for i in range(spec.num_layers):
             p = f"/model/layers.{i}"
             slot = skip.kv_slot(i)
             if slot is not None:  # a skipped layer's residual stream passes straight on to its MLP
                 x = stream.norm(ckpt.norm_weight(names.input_norm.format(i=i)), f"{p}/input_layernorm")
-                stream.pending = _attention(g, ckpt, i, slot, x, attention_inputs)
+                stream.pending = _attention(g, ckpt, i, slot, x, step)
             elif (fill := skip.fill_for(i)) is not None:  # ... plus the removed sublayer's mean output
                 stream.bias = g.float_const(f"{p}/attn_fill", np.asarray(fill, np.float32))
             x = stream.norm(ckpt.norm_weight(names.post_norm.format(i=i)), f"{p}/post_attention_layernorm")

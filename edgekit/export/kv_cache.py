@@ -28,6 +28,7 @@ import numpy as np
 from onnx import TensorProto
 
 from edgekit.errors import EdgekitError
+from edgekit.export.heads import pad_heads
 
 KV_CACHES = ("auto", "fp32", "fp16", "int8", "int4")
 KV_CALIB_TOKENS = 2048
@@ -164,7 +165,6 @@ def calibrate_kv_scales(
     from tokenizers import Tokenizer
 
     from edgekit.checkpoint.load import load_torch_model
-    from edgekit.export.graph import pad_heads
     from edgekit.quality.analyze import calibration_chunks
     from edgekit.quality.streaming import should_stream
     from edgekit.skip.streaming import StreamingModel

@@ -16,6 +16,7 @@ from edgekit.export.gguf_blocks import Blocks, matmul_nbits, quantize_q4_1
 from edgekit.export.int4 import int4_matmul
 from edgekit.export.kv_cache import format_named
 from edgekit.export.quantize import QuantConfig, matmul_node, quantize_node
+from edgekit.runtime.kv_engine import KV_WINDOW_PROP, WINDOW_DIMS
 
 OPSET = 21  # int4 tensors need opset 21 / IR 10
 IR_VERSION = 10
@@ -40,11 +41,17 @@ class GraphContract:
     # tokens with a 32k vocabulary, 2.1 GB at 4,096 with Llama 3's 128k) and ~1% of a 1.1B prefill's time.
     # The fused flavour only: the fixed-shape mobile variants of the standard flavour need static shapes.
     logits_to_keep: bool = False
+    # --kv-window (fused flavour): the slots of sliding-window layers whose cache holds only the window. Their
+    # past is the last `kv_window` (or more) positions, not the whole sequence, and `window_attention_mask`
+    # [batch, cached window + new tokens] gives their lengths; positions still come from `attention_mask`.
+    window_slots: tuple[int, ...] = ()
+    kv_window: int = 0
 
     @property
     def inputs(self) -> list[str]:
         kv = [f"past_key_values.{j}.{kind}" for j in range(len(self.kept_layers)) for kind in ("key", "value")]
-        return ["input_ids", "attention_mask", *kv, *(["logits_to_keep"] if self.logits_to_keep else [])]
+        window = ["window_attention_mask"] if self.window_slots else []
+        return ["input_ids", "attention_mask", *window, *kv, *(["logits_to_keep"] if self.logits_to_keep else [])]
 
     @property
     def outputs(self) -> list[str]:
@@ -59,7 +66,11 @@ class GraphContract:
             "kv_dtype": self.kv_dtype,
             "kv_heads": self.kv_heads,
             "head_dim": self.head_dim,
-            "kv_slots": [{"slot": j, "layer": i} for j, i in enumerate(self.kept_layers)],
+            "kv_slots": [
+                {"slot": j, "layer": i, **({"window": self.kv_window} if j in self.window_slots else {})}
+                for j, i in enumerate(self.kept_layers)
+            ],
+            **({"kv_window": self.kv_window} if self.window_slots else {}),
         }
 
 
@@ -189,15 +200,19 @@ def write_model(
 ) -> str | None:
     """Wrap a flavour's nodes in the contract's inputs/outputs and save; every flavour ends here."""
     stored = format_named(contract.kv_dtype).stored_head_dim(contract.head_dim)  # int4: two per byte
-    kv_in = ["batch_size", contract.kv_heads, "past_sequence_length", stored]
-    kv_out = ["batch_size", contract.kv_heads, "total_sequence_length", stored]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
     ]
+    if contract.window_slots:
+        mask = helper.make_tensor_value_info("window_attention_mask", TensorProto.INT64, ["batch_size", WINDOW_DIMS[1]])
+        inputs.append(mask)
     logits_len = "logits_sequence_length" if contract.logits_to_keep else "sequence_length"
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", logits_len, vocab])]
     for j in range(len(contract.kept_layers)):
+        past, total = WINDOW_DIMS if j in contract.window_slots else ("past_sequence_length", "total_sequence_length")
+        kv_in = ["batch_size", contract.kv_heads, past, stored]
+        kv_out = ["batch_size", contract.kv_heads, total, stored]
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{j}.{kind}", kv_elem_type, kv_in))
             outputs.append(helper.make_tensor_value_info(f"present.{j}.{kind}", kv_elem_type, kv_out))
@@ -212,6 +227,8 @@ def write_model(
         producer_name="edgekit",
         ir_version=IR_VERSION,
     )
+    if contract.window_slots:  # what a runtime holding only the window needs to know (runtime/kv_engine.py)
+        helper.set_model_props(model, {KV_WINDOW_PROP: str(contract.kv_window)})
     return _save(model, model_path, sink)
 
 

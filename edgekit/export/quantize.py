@@ -69,6 +69,7 @@ class QuantConfig:
     kv_cache: str = "auto"  # the KV cache's element type (kv_cache.py); auto: the activations' float type
     int4_mix: str = "none"  # int4 only: which matrices keep 8 bits (INT4_MIXES); resolved to int8_layers
     int8_layers: tuple[int, ...] = ()  # layers whose qkv and down_proj are 8-bit in an int4 export
+    kv_window: bool = False  # sliding-window layers cache only their window (attention_inputs.py)
 
     def __post_init__(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -109,6 +110,11 @@ class QuantConfig:
         return self.mode == "keep"
 
     def kv_format(self, flavour: str = "fused") -> KVFormat:
+        if self.kv_window and flavour == "standard":
+            raise EdgekitError(
+                "--kv-window: the standard graph's cache is plain Concat ops over the whole sequence; use "
+                "--flavour fused (GroupQueryAttention)"
+            )
         return kv_format(self.kv_cache, self.mode, flavour)
 
     @property

@@ -56,7 +56,7 @@ class FixedEngine:
         self._kv = {n: np.zeros(s, self.kv_dtype) for n, s in self._shapes.items()}
         self._mask = np.zeros((1, self.window), np.int64)
 
-    def truncate(self, length: int) -> None:
+    def truncate(self, length: int) -> int:
         """Keep the first `length` tokens. The window cannot rewind in place, so a shorter one is re-fed."""
         if not 0 <= length <= self.length:
             raise EdgekitError(f"cannot keep {length} cached positions: the cache holds {self.length}")
@@ -65,6 +65,7 @@ class FixedEngine:
             self.reset()
             if kept:
                 self.forward(kept, all_logits=False)
+        return length
 
     def _step(self, session: ort.InferenceSession, ids: list[int]) -> np.ndarray:
         """One call with len(ids) <= the graph's new-token count; logits of the real rows."""

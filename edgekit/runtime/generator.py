@@ -199,7 +199,7 @@ class Generator:
         if needed > self.engine.capacity:  # growing drops the old content: feed everything
             self.engine.reserve(min(self.max_context, -(-needed // CAPACITY_STEP) * CAPACITY_STEP))
             keep = 0
-        self.engine.truncate(keep)
+        keep = self.engine.truncate(keep)  # fewer when a window-sized cache cannot rewind that far
         self._cached = ids[:keep]
         sample = Sampler(config)
         detok = _Detokenizer(self.tokenizer, ids)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgekit.runtime.kv_engine import KV_NP_DTYPES
+from edgekit.runtime.kv_engine import KV_NP_DTYPES, kv_window
 
 
 @dataclass
@@ -44,6 +44,9 @@ class DecoderSession:
             self.kv_dtype = KV_NP_DTYPES[first.type]
         else:
             self.kv_heads, self.head_dim, self.kv_dtype = 0, 0, np.float32
+        # --kv-window bundles: these slots' past is only the last `window` positions (kv_engine.py)
+        self.window, slots = kv_window(self.session)
+        self.window_names = {n for n in self.past_names if int(n.split(".")[1]) in slots}
 
     @property
     def kv_slots(self) -> int:
@@ -61,11 +64,16 @@ class DecoderSession:
         cache = cache or self.empty_cache(input_ids.shape[0])
         total = cache.length + input_ids.shape[1]
         feeds = {"input_ids": input_ids, "attention_mask": np.ones((input_ids.shape[0], total), np.int64)}
+        if self.window_names:
+            held = cache.tensors[next(iter(self.window_names))].shape[2]
+            feeds["window_attention_mask"] = np.ones((input_ids.shape[0], held + input_ids.shape[1]), np.int64)
         feeds.update(cache.tensors)
         outs = self.session.run(["logits", *self.present_names], feeds)
         present = {
             p.replace("present.", "past_key_values."): t for p, t in zip(self.present_names, outs[1:], strict=True)
         }
+        for name in self.window_names:  # what the window no longer reaches is dropped
+            present[name] = present[name][:, :, -self.window :]
         return outs[0], KVCache(present, total)
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
