@@ -197,19 +197,22 @@ def report(model: str) -> None:
     decode: dict[tuple[str, int], list[float]] = {}
     prefill: dict[tuple[str, int], list[float]] = {}
     per_token: dict[str, int] = {}
+    buffers: dict[str, int] = {}
     for r in rows:
         if r["kind"] == "decode":
             decode.setdefault((r["kv"], r["context"]), []).append(r["decode_ms"])
             if r.get("prefill_s"):
                 prefill.setdefault((r["kv"], r["context"]), []).append(r["context"] / r["prefill_s"])
             per_token[r["kv"]] = r["kv_bytes_per_token"]
+            buffers[r["kv"]] = r["kv_buffer_bytes"]
     contexts = sorted({c for _, c in decode})
     kvs = list(dict.fromkeys(k for k, _ in decode))
     if not kvs:
         print("nothing measured yet")
         return
     base = kvs[0]
-    head = ["KV cache", "bytes/token", *[f"decode ms/token at {c} (vs {base})" for c in contexts]]
+    head = ["KV cache", "bytes/token (growing slots)", f"KV buffers for {contexts[-1]} tokens"]
+    head += [f"decode ms/token at {c} (vs {base})" for c in contexts]
     head += [f"prefill tok/s of {c}" for c in contexts if prefill]
     if quality:
         head += ["WikiText-2 ppl", "KL vs float cache"]
@@ -218,6 +221,7 @@ def report(model: str) -> None:
         cells = [
             kv if kv != "auto" else "fp32 (auto)",
             f"{per_token[kv]:,} ({per_token[base] / per_token[kv]:.1f}x less)",
+            f"{buffers[kv] / 1e6:.1f} MB ({buffers[base] / buffers[kv]:.1f}x less)",
         ]
         for c in contexts:
             ms = statistics.median(decode[kv, c])

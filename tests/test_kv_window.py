@@ -125,3 +125,33 @@ def test_an_int8_cache_can_be_window_sized_too(gemma3_long, tmp_path):
     engine = _engine(tmp_path / "b")
     engine.forward(IDS[:300], all_logits=False)
     assert engine.kv(0).dtype == np.int8 and engine.kv(0).shape[2] == engine.window_length
+
+
+def test_the_cli_exports_a_window_bundle_and_chat_generates_what_the_full_cache_does(
+    gemma3_long, tmp_path, capsys, monkeypatch
+):
+    """Through `edgekit export --kv-window` and the Generator (the chat path: sized buffers, rewinds
+    between turns): greedy tokens equal to the full-cache bundle's, well past the window."""
+    monkeypatch.setattr(kv_engine, "CAPACITY_STEP", 16)  # the window moves every 16 tokens
+    from edgekit.cli import main
+    from edgekit.runtime.chat import ChatTemplate
+    from edgekit.runtime.generator import GenerationConfig, Generator
+
+    template = ChatTemplate(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", eos_token="</s>"
+    )
+
+    bundles = {}
+    for name, flags in (("window", ["--kv-window"]), ("full", [])):
+        bundles[name] = tmp_path / name
+        with pytest.raises(SystemExit) as e:
+            main(["export", str(gemma3_long), "--quant", "fp32", "-o", str(bundles[name]), *flags])
+        assert e.value.code == 0
+    assert "window-sized cache on 4 layers" in capsys.readouterr().out
+    config = GenerationConfig(max_new_tokens=3 * WINDOW)
+    tokens = {}
+    for name, bundle in bundles.items():
+        chat = Generator(bundle).chat_session(template=template)
+        first = chat.reply("Once upon a time", config).token_ids
+        tokens[name] = first + chat.reply("and then", config).token_ids
+    assert len(tokens["full"]) > 2 * WINDOW and tokens["window"] == tokens["full"]
