@@ -102,7 +102,8 @@ from edgekit.targets.recipes import get_recipe, resolve_options
     show_default=True,
     help="int4 only: which matrices keep 8 bits. q4_k_m: llama.cpp's Q4_K_M rule (v_proj and down_proj of "
     "the first and last eighth of the layers and every third between; SmolLM2: +4.6% held-out perplexity "
-    "instead of +7.4%, 6% bigger, but worse on some chat prompts); none: every matrix 4-bit.",
+    "instead of +7.1%, 7% bigger, but 46 of 78 factual chat answers right instead of 50); none: every matrix "
+    "4-bit.",
 )
 @click.option(
     "--kv-cache",

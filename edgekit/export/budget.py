@@ -1,8 +1,8 @@
 """Will it fit? An estimate of a bundle's memory on the device, made before anything is exported.
 
     weights   every tensor the graph holds, in the chosen format (int4/int8 blocks carry a float32 scale,
-              and a packed zero point unless symmetric); the embedding table and lm_head are separate
-              tensors even when the checkpoint ties them
+              and a packed zero point unless symmetric); a tied embedding and lm_head are one table
+              in int4 exports (export/tied.py), two tensors otherwise
     kv cache  2 (K, V) x kept layers x KV heads x head_dim (as the graph pads it) x max context x bytes
               (--kv-cache: 4 or 2 for float, 1 for int8, 1/2 for int4; the scales are negligible),
               for one sequence: onnxruntime-genai's shared past/present buffer allocates all of it up front;
@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from edgekit.checkpoint.load import ModelSpec
 from edgekit.errors import EdgekitError
 from edgekit.export.quantize import QuantConfig, more_bits_layers
+from edgekit.export.tied import shares_table
 from edgekit.runtime.kv_engine import CAPACITY_STEP
 
 FIXED_OVERHEAD = 150 * 1024**2
@@ -74,6 +75,8 @@ def estimate_memory(spec: ModelSpec, kept: int, quant: QuantConfig, context: int
     )
     embed_bits = 4 if quant.embedding_quantized else None
     embedding = _matrix_bytes(spec.hidden, spec.vocab, embed_bits, quant, fb)
+    if shares_table(quant, spec.tie_embeddings, spec.hidden):  # only its own scales and zero points (tied.py)
+        embedding = spec.vocab * (spec.hidden // quant.block_size) * 5
     lm_head = _matrix_bytes(spec.hidden, spec.vocab, quant.bits_for("lm_head"), quant, fb)
     norms = (2 * spec.num_layers + 1) * spec.hidden * fb
     rotary = 2 * context * head_dim // 2 * fb if kept else 0

@@ -30,6 +30,7 @@ from edgekit.export.heads import GQA_HEAD_MULTIPLE, pad_heads, padded_head_dim
 from edgekit.export.kv_cache import KVScales, format_named
 from edgekit.export.onnx_writer import MS_DOMAIN, OPSET, GraphContract, GraphWriter, TensorSink, write_model
 from edgekit.export.quantize import QuantConfig, quantize_node
+from edgekit.export.tied import shared_gather, shares_table
 from edgekit.skip.skipset import SkipSet
 
 FLAVOURS = ("fused", "standard")  # the fused graph (this module) and graph_standard.py
@@ -100,8 +101,11 @@ class _ResidualStream:
 
 
 def _embedding(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, fdt: int) -> tuple[str, Any]:
-    """The token embedding's output, and the table itself when lm_head is tied to it (read once)."""
+    """The token embedding's output, and the table itself when lm_head is tied to it (read once). Where
+    the two share one quantized table (tied.py), nothing is emitted yet: _lm_head puts the lookup here."""
     embed = ckpt.weights.get(ckpt.family.names.embed)
+    if shares_table(quant, ckpt.spec.tie_embeddings, ckpt.spec.hidden):
+        return "/embed/out", embed.dequantize() if isinstance(embed, Blocks) else embed
     if isinstance(embed, Blocks) and embed.bits == 8:  # --quant keep: a Q8_0 table as it is
         node, inits = gather_blocks(embed, "embed_tokens.weight", "input_ids", "/embed/out", "/embed")
         for t in inits:
@@ -252,7 +256,9 @@ def _mlp(g: GraphWriter, ckpt: Checkpoint, i: int, x: str) -> str:
     return out
 
 
-def _lm_head(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, x: str, tied: np.ndarray | None) -> None:
+def _lm_head(
+    g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, x: str, tied: np.ndarray | None, embed_at: int
+) -> None:
     # Slice(x, -k, end) on the sequence axis: k = 0 slices from 0, i.e. keeps every position.
     keep = g.const("logits_to_keep", np.array([0], np.int64))  # also a graph input: this is its default
     start = g.op("Neg", [keep], name="/logits_to_keep/neg")[0]
@@ -260,7 +266,16 @@ def _lm_head(g: GraphWriter, ckpt: Checkpoint, quant: QuantConfig, x: str, tied:
     axis = g.const("/logits_to_keep/axis", np.array([1], np.int64))
     x = g.op("Slice", [x, start, end, axis], name="/logits_to_keep/slice")[0]
     weight = tied if tied is not None else ckpt.weights.get(ckpt.family.names.lm_head)
-    logits = g.linear(x, weight, "/lm_head", "lm_head")
+    if shares_table(quant, ckpt.spec.tie_embeddings, ckpt.spec.hidden):  # the lookup reads lm_head's weight
+        nodes, inits = g.linear_parts(x, weight, "/lm_head", "lm_head")
+        lookup, lookup_inits = shared_gather(nodes, inits, "input_ids", "/embed/out")
+        for t in [*inits, *lookup_inits]:
+            g.sink.add(t)
+        g.nodes[embed_at:embed_at] = lookup
+        g.nodes.extend(nodes)
+        logits = "/lm_head/MatMul/out"
+    else:
+        logits = g.linear(x, weight, "/lm_head", "lm_head")
     del weight
     if quant.mode == "fp16":
         logits = g.op("Cast", [logits], to=TensorProto.FLOAT, name="/lm_head/cast")[0]
@@ -306,6 +321,7 @@ def build_decoder(
     if quant.keeps_gguf_blocks:
         ckpt = _with_kept_blocks(ckpt)
     try:
+        embed_at = len(g.nodes)
         embedded, tied = _embedding(g, ckpt, quant, fdt)
         if ckpt.family.scaled_embedding:  # sqrt(hidden) as float32, as transformers multiplies it
             scale = g.float_const("/embed/scale", np.array(np.float32(spec.hidden**0.5)))
@@ -324,7 +340,7 @@ def build_decoder(
             stream.pending = _mlp(g, ckpt, i, x)
             if on_layer:
                 on_layer(i)
-        _lm_head(g, ckpt, quant, stream.norm(ckpt.norm_weight(names.final_norm), "/model/norm"), tied)
+        _lm_head(g, ckpt, quant, stream.norm(ckpt.norm_weight(names.final_norm), "/model/norm"), tied, embed_at)
         del tied
     finally:
         sink.close()

@@ -145,6 +145,19 @@ class GraphWriter:
         """y = x @ weight.T (+ bias), weight in Hugging Face [out, in] layout (or a GGUF's own blocks).
 
         `layer`: for the matrices mixed precision may keep at 8 bits (QuantConfig.int8_layers)."""
+        nodes, inits = self.linear_parts(x, weight, name, role, layer)
+        for t in inits:
+            self.sink.add(t)
+        self.nodes.extend(nodes)
+        out = f"{name}/MatMul/out"
+        if bias is not None:
+            out = self.op("Add", [out, self.float_const(f"{name}.bias", bias)], name=f"{name}/Add")[0]
+        return out
+
+    def linear_parts(
+        self, x: str, weight: np.ndarray | Blocks, name: str, role: str, layer: int | None = None
+    ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+        """The nodes and initializers of `linear` (output f"{name}/MatMul/out"), not yet in the graph."""
         w_name, out = f"{name}.weight", f"{name}/MatMul/out"
         node = matmul_node(x, w_name, out, f"{name}/MatMul")
         bits = self.quant.bits_for(role, layer)
@@ -156,16 +169,14 @@ class GraphWriter:
         ):
             weight = quantize_q4_1(weight)
         if isinstance(weight, Blocks):
-            nodes, inits = matmul_nbits(x, weight, w_name, out, f"{name}/MatMulNBits", self.quant.accuracy_level)
-            for init in inits:
-                self.sink.add(init)
-            self.nodes.extend(nodes)
-        elif bits is None:
-            self.float_const(w_name, weight.T)
-            self.nodes.append(node)
-        elif bits == 4 and self.quant.int4_algo not in ("rtn", "q4_1"):
+            return matmul_nbits(x, weight, w_name, out, f"{name}/MatMulNBits", self.quant.accuracy_level)
+        if bits is None:
+            return [node], [
+                numpy_helper.from_array(np.ascontiguousarray(weight.T.astype(self.quant.float_dtype)), w_name)
+            ]
+        if bits == 4 and self.quant.int4_algo not in ("rtn", "q4_1"):
             hessian = (self.hessians or {}).get(name)
-            nodes, inits = int4_matmul(
+            return int4_matmul(
                 node,
                 weight.T,
                 self.quant.block_size,
@@ -174,17 +185,7 @@ class GraphWriter:
                 self.quant.symmetric,
                 hessian,
             )
-            for t in inits:
-                self.sink.add(t)
-            self.nodes.extend(nodes)
-        else:
-            nodes, inits = quantize_node(node, w_name, weight.T, bits, self.quant)
-            for t in inits:
-                self.sink.add(t)
-            self.nodes.extend(nodes)
-        if bias is not None:
-            out = self.op("Add", [out, self.float_const(f"{name}.bias", bias)], name=f"{name}/Add")[0]
-        return out
+        return quantize_node(node, w_name, weight.T, bits, self.quant)
 
 
 def write_model(

@@ -29,6 +29,7 @@ from edgekit.export.int4 import AUTO, NEEDS_CALIBRATION, default_int4_algo
 from edgekit.export.kv_cache import calibrate_kv_scales
 from edgekit.export.memory import RssWatch, plan_export_memory
 from edgekit.export.quantize import QuantConfig, more_bits_layers
+from edgekit.export.tied import shares_table
 from edgekit.export.verify import DEFAULT_TEXT, VerifyReport, unskipped_perplexity, verify
 from edgekit.export.verify_streaming import verify_streaming
 from edgekit.quality.analyze import default_calib
@@ -375,7 +376,7 @@ def _manifest(
         "architecture": ckpt.spec.to_manifest(context),
         "skip": skip.to_manifest(),
         "graph": graph_manifest(contract, data_file),
-        "quantization": req.quant.to_manifest(),
+        "quantization": req.quant.to_manifest(shares_table(req.quant, ckpt.spec.tie_embeddings, ckpt.spec.hidden)),
         "tokenizer": {"files": tokenizer_files},
         "verification": report.to_dict() if report else None,
         "packages": package_versions(),

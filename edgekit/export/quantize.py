@@ -34,8 +34,8 @@ INT8_KERNELS = ("blockwise", "dynamic")
 # (use_more_bits in src/llama-quant.cpp: the first and last eighth of the layers and every third layer
 # between), applied as there to each such layer's v_proj (split from the packed q/k projection) and
 # down_proj; llama.cpp gives those Q6_K, MatMulNBits has no 6 bits, so they get 8. Not the default: on
-# SmolLM2 it lowers held-out perplexity and KL, yet the instruct model drifted into French on 3 of 4 chat
-# prompts that all-4-bit GPTQ answered in 3 of 4 (BENCHMARKS.md, "int4").
+# SmolLM2 it lowers held-out perplexity and KL, yet the instruct model answered fewer of 78 factual chat
+# questions (46 against all-4-bit GPTQ's 50; BENCHMARKS.md, "int4").
 INT4_MIXES = ("none", "q4_k_m")
 
 
@@ -138,12 +138,15 @@ class QuantConfig:
         # onnxruntime's quantizer writes GatherBlockQuantized for 4 bits only.
         return self.bits == 4 and self.quantize_embedding
 
-    def to_manifest(self) -> dict:
+    def to_manifest(self, shared_table: bool = False) -> dict:
+        """`shared_table`: the embedding reads lm_head's quantized weight (export/tied.py)."""
         d = asdict(self)
         d["bits"] = self.bits
         d["kv_cache"] = self.kv_format().name
         d["embedding"] = f"int4 block {self.block_size}" if self.embedding_quantized else str(self.float_dtype)
         d["lm_head"] = f"int{self.bits_for('lm_head')}" if self.bits_for("lm_head") else str(self.float_dtype)
+        if shared_table:
+            d["embedding"] = f"lm_head's {d['lm_head']} table, shared (GatherBlockQuantized)"
         d["quantizer"] = "onnxruntime DefaultWeightOnlyQuantizer (MatMulNBits / GatherBlockQuantized)"
         if self.int8_kernel == "dynamic":
             d["quantizer"] = "per-channel symmetric int8 (DynamicQuantizeLinear + MatMulIntegerToFloat)"
