@@ -83,6 +83,14 @@ def _scores(target: str, tokens: int, cloze: Path, **skip: object) -> dict:
     }
 
 
+# "int4": llama.cpp's Q4_1 rounding, 4-bit lm_head (the first table); "int4-default": what `edgekit export
+# --quant int4` writes (GPTQ, 8-bit lm_head, one table for SmolLM2's tied embedding and lm_head)
+INT4_FORMATS = {
+    "int4": QuantConfig(mode="int4", int4_algo="q4_1"),
+    "int4-default": QuantConfig(mode="int4", lm_head_bits=8),
+}
+
+
 def measure(
     model: str, ns: list[int], formats: list[str], tokens: int, int4_ns: list[int], int4_fills: list[str]
 ) -> None:
@@ -103,7 +111,7 @@ def measure(
                         row = _scores(target, tokens, cloze, skip=skip, fill=fill, threads=2)
                     else:
                         out = WORK / "skip_quality" / f"{Path(target).stem}-{fmt}-{rule}{n}-{fill}"
-                        quant = QuantConfig(mode="int4", int4_algo="q4_1")
+                        quant = INT4_FORMATS[fmt]
                         r = export(
                             ExportRequest(model=target, skip=skip, fill=fill, quant=quant, output=out, force=True)
                         )
@@ -175,7 +183,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 (the fetched GGUF) or any MODEL")
     ap.add_argument("--ns", default="0,2,4,6,8,10")
-    ap.add_argument("--formats", default="fp32,int4")
+    ap.add_argument("--formats", default="fp32,int4", help="fp32 and/or int4, int4-default (INT4_FORMATS)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of each held-out text")
     ap.add_argument("--int4-ns", default="0,4,8", help="the N exported to int4 (each is an export + eval)")
     ap.add_argument("--int4-fills", default="mean")
