@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers_child
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "genai_race"
@@ -37,16 +39,9 @@ def genai_int4_smollm2() -> Path:
     out = WORK / "genai-int4-smollm2"
     if (out / "genai_config.json").is_file():
         return out
-    from edgekit.checkpoint.fetch import SMOLLM2, fetch
-    from edgekit.checkpoint.load import load_torch_model, open_checkpoint
+    from smollm2 import hf_folder
 
-    hf = WORK / "smollm2-hf-fp32"
-    if not (hf / "config.json").is_file():
-        ckpt = open_checkpoint(fetch(SMOLLM2), "smollm2-135m-instruct")
-        load_torch_model(ckpt).save_pretrained(hf)
-        for f in ckpt.path.iterdir():  # the converted tokenizer and chat template beside config.json
-            if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-                shutil.copyfile(f, hf / f.name)
+    hf = hf_folder(WORK / "smollm2-hf-fp32")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf), "-i", str(hf)]
     subprocess.run([*cmd, "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(WORK / "cache")], check=True)
     return out
@@ -76,24 +71,9 @@ def _prompt_ids(bundle: Path, n: int) -> list[int]:
 def perplexity(bundle: Path, ids: list[int], chunk: int = 1024) -> float:
     """Perplexity of `ids` in chunks of `chunk`, one prefill each, no BOS, from the bundle's model.onnx by
     onnxruntime directly: the same protocol for an edgekit bundle and a genai builder output (both have
-    input_ids, attention_mask and past_key_values.N inputs and a logits output)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    config = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]
-    past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    empty = np.zeros((1, config["num_key_value_heads"], 0, config["head_size"]), np.float32)
-    nll, scored = 0.0, 0
-    for start in range(0, len(ids), chunk):
-        part = ids[start : start + chunk]
-        feeds = {"input_ids": np.asarray([part], np.int64), "attention_mask": np.ones((1, len(part)), np.int64)}
-        feeds |= dict.fromkeys(past, empty)
-        logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
-        logp = logits - logits.max(-1, keepdims=True)
-        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll -= float(logp[np.arange(len(part) - 1), part[1:]].sum())
-        scored += len(part) - 1
-    return float(np.exp(nll / scored))
+    input_ids, attention_mask and past_key_values.N inputs and a logits output); bench/peers.py's too."""
+    logits = peers_child.LOGITS["genai"]({"path": str(bundle), "threads": 2})
+    return peers_child.perplexity(logits, ids, chunk)["perplexity"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
     python bench/kv_cache.py --model smollm2                 # real SmolLM2-135M, int4 weights (default algo)
     python bench/kv_cache.py --model llama2-7b --kv auto,int8 --contexts 1024,4064 --rounds 2  # 7B, skip 8
+    python bench/kv_cache.py --model llama2-7b --kv auto@0,auto@8,int8@0,int8@8 --contexts 128,1024,4064
     python bench/kv_cache.py --model smollm2 --report        # markdown from bench/work/kv_cache.jsonl
     python bench/kv_cache.py --model gemma3-270m --kv auto,auto+window,int8+window --contexts 1024,4096
 
@@ -16,6 +17,10 @@ config, 262k vocabulary; no Gemma checkpoint is reachable here): a `+window` var
 15 local layers' cache then holds their 512-token window (plus one chunk) and the rest is never read.
 Quality: perplexity on held-out WikiText-2 (first half of valid;
 the scales are calibrated on the shipped excerpt of the second half) and mean KL against the float cache.
+
+A variant `KV@S` exports with `--skip S` instead of the model's default, so skip and cache compare in one
+run. Each decode row also carries the bytes a step reads (every weight but the gathered embedding rows,
+bench/decode_7b.py, + the KV cache at that context): the speed-up they predict sits beside the measured one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_7b import weight_bytes
 from int4_table import _held_out_wiki
 from peak_rss import run
 
@@ -45,9 +51,10 @@ MODELS = {
     # int4 weights as each model exports by default; the 7B shape with rtn and no verification (random
     # weights: only speed is measured there, and hqq's rounding would add ~25 minutes per export)
     "smollm2": ["--quant", "int4"],
-    "llama2-7b": ["--quant", "int4", "--skip", "8", "--int4-algo", "rtn", "--no-verify", "--max-memory", "8GB"],
+    "llama2-7b": ["--quant", "int4", "--int4-algo", "rtn", "--no-verify", "--max-memory", "8GB"],
     "gemma3-270m": ["--quant", "int4", "--int4-algo", "rtn", "--no-verify"],
 }
+DEFAULT_SKIP = {"llama2-7b": "8"}  # the paper's setting for the 7B shape; the others skip nothing
 GEMMA3_270M = WORK / "ckpt-gemma3-270m"
 DECODE_STEPS = 16
 
@@ -88,13 +95,16 @@ def _gemma3_270m() -> Path:
 
 
 def _bundle(model: str, variant: str) -> Path:
-    """`variant`: a --kv-cache value, `+window` for --kv-window."""
-    out = WORK / "kv_cache" / f"{model}-{variant}"
+    """`variant`: a --kv-cache value, `+window` for --kv-window, `@S` for --skip S."""
+    out = WORK / "kv_cache" / f"{model}-{variant.replace('@', '-skip')}"
     if (out / "edgekit.json").is_file():
         return out
     edgekit = str(Path(sys.executable).with_name("edgekit"))
+    variant, _, skip = variant.partition("@")
     kv, _, window = variant.partition("+")
     flags = ["--kv-cache", kv, *(["--kv-window"] if window else [])]
+    if skip or model in DEFAULT_SKIP:
+        flags += ["--skip", skip or DEFAULT_SKIP[model]]
     res = run([edgekit, "export", _source(model), *MODELS[model], *flags, "-o", str(out), "--force"])
     if res["returncode"] != 0:
         raise SystemExit(f"export {out.name} failed")
@@ -183,8 +193,10 @@ def main() -> None:
         for kv, b in bundles.items():
             res = _decode(b, contexts, real)
             per_token = json.loads((b / "edgekit.json").read_text())["graph"]["kv_bytes_per_token"]
+            weights = weight_bytes(b / "model.onnx")["weights_read"]
             for n in contexts:
                 row = {"kind": "decode", "model": a.model, "kv": kv, "round": rnd, "context": n, **res[n]}
+                row |= {"bytes_read_per_step": weights + per_token * n}
                 _append(row | {"kv_bytes_per_token": per_token, "kv_buffer_bytes": res["kv_buffer_bytes"]})
                 print(row, flush=True)
     report(a.model)
@@ -198,9 +210,12 @@ def report(model: str) -> None:
     prefill: dict[tuple[str, int], list[float]] = {}
     per_token: dict[str, int] = {}
     buffers: dict[str, int] = {}
+    read: dict[tuple[str, int], int] = {}
     for r in rows:
         if r["kind"] == "decode":
             decode.setdefault((r["kv"], r["context"]), []).append(r["decode_ms"])
+            if "bytes_read_per_step" in r:
+                read[r["kv"], r["context"]] = r["bytes_read_per_step"]
             if r.get("prefill_s"):
                 prefill.setdefault((r["kv"], r["context"]), []).append(r["context"] / r["prefill_s"])
             per_token[r["kv"]] = r["kv_bytes_per_token"]
@@ -213,6 +228,8 @@ def report(model: str) -> None:
     base = kvs[0]
     head = ["KV cache", "bytes/token (growing slots)", f"KV buffers for {contexts[-1]} tokens"]
     head += [f"decode ms/token at {c} (vs {base})" for c in contexts]
+    predicted = all((kv, c) in read for kv in kvs for c in contexts)
+    head += [f"GB read/step at {c} (predicted vs {base})" for c in contexts if predicted]
     head += [f"prefill tok/s of {c}" for c in contexts if prefill]
     if quality:
         head += ["WikiText-2 ppl", "KL vs float cache"]
@@ -226,6 +243,8 @@ def report(model: str) -> None:
         for c in contexts:
             ms = statistics.median(decode[kv, c])
             cells.append(f"{ms:.2f} ({ms / statistics.median(decode[base, c]):.2f}x)")
+        for c in contexts if predicted else []:
+            cells.append(f"{read[kv, c] / 1e9:.2f} ({read[kv, c] / read[base, c]:.2f}x)")
         for c in contexts if prefill else []:
             cells.append(f"{statistics.median(prefill[kv, c]):.0f}")
         if quality:

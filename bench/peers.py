@@ -1,6 +1,7 @@
 """edgekit against its peers and the hardware limit, side by side in one run.
 
-For each model (stories260K, real; TinyLlama-1.1B-shaped random weights, GQA 32/4, 22 layers) this builds
+For each model (stories260K, real; SmolLM2-135M-Instruct, real, from its Q4_1 GGUF; TinyLlama-1.1B-shaped
+random weights, GQA 32/4, 22 layers) this builds
 every contender — edgekit int8/int4 at skip 0 and with ~25% of attention sublayers removed (1 of 5,
 6 of 22), optimum-onnx export + its quantizer, the onnxruntime-genai model builder int8/int4 (and int4
 with the same layers skipped, through a patched builder), llama.cpp GGUF Q8_0/Q4_0 from the converter
@@ -10,8 +11,16 @@ round 2: A B C …), one fresh process per contender and round, all on the same 
 ids and the same protocol (bench/peers_child.py). It measures the machine's read bandwidth in the same
 run and reports each decode as a fraction of its roofline (bytes read per token ÷ bandwidth).
 
+SmolLM2 has its own line-up (`smollm2_contenders`): edgekit exports the GGUF itself, genai and optimum read
+it dequantized to a Hugging Face folder, llama.cpp runs the GGUF as shipped (Q4_1) and its Q4_0/Q8_0
+requantized by its own quantizer. Being real weights, every contender's perplexity is measured too, by one
+protocol in its own runtime (peers_child.py, `"mode": "ppl"`): 4 × 1,024 tokens of held-out WikiText-2
+(the first half of valid; the shipped calibration text is from the second half). Then speed sits next
+to quality: the table's ppl column and the speed-vs-perplexity plot (bench/peers_pareto.py).
+
     python bench/peers.py                        # both models, 3 rounds, 2 threads (make bench-peers)
     python bench/peers.py --models tinyllama-1.1b --rounds 5
+    python bench/peers.py --models smollm2-135m --rounds 5 --gen-len 64   # the real model, with perplexity
     python bench/peers.py --build-only           # venvs, llama.cpp wheel and every model file; no timing
     python bench/peers.py --report-only          # redo table and plot from bench/work/peers/results.json
     python bench/peers.py --only llama.cpp --merge   # time some contenders again, keep the others' numbers
@@ -30,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers_build as pb
+import peers_pareto
 import peers_report
 from bandwidth import measure as measure_bandwidth
 
@@ -51,7 +61,16 @@ MODELS = {
         "skip": list(range(16, 22)),
         "prompt_lens": [128, 1024],
     },
+    "smollm2-135m": {
+        "ckpt": WORK / "models" / "smollm2-135m" / "hf-fp32",  # the GGUF dequantized (bench/smollm2.py)
+        # auto:4 ranked on the shipped WikiText-2 calibration text (BENCHMARKS.md, "Removing attention
+        # sublayers from SmolLM2"); fixed here so genai's patched builder removes the same four
+        "skip": [6, 7, 25, 26],
+        "prompt_lens": [128, 1024],
+        "quality": True,
+    },
 }
+PPL_TOKENS, PPL_CHUNK = 4096, 1024
 
 
 GENAI_LAYOUT = ["--symmetric", "--lm-head-bits", "4"]
@@ -87,11 +106,36 @@ def contenders(model: str, skip: list[int]) -> list[pb.Contender]:
     return out
 
 
-def prompt_ids(n: int) -> list[int]:
-    """Real text through stories260K's tokenizer (its ids < 512 are valid for every model here)."""
+def smollm2_contenders(skip: list[int]) -> list[pb.Contender]:
+    """The real model's line-up: each tool at its defaults and its speed options, at equal footing."""
+    from edgekit.checkpoint.fetch import SMOLLM2, fetch
+
+    d, gguf = WORK / "models" / "smollm2-135m", str(fetch(SMOLLM2))
+    out = []
+    # keep: the GGUF's own blocks, what `edgekit export FILE.gguf` does by default; fp32 anchors the ppl column
+    for label, args, s in (("int4", [], []), ("int4", [], skip), ("int8", [], []), ("keep", [], []),
+                           ("fp32", [], []), ("int4-sym", GENAI_LAYOUT, []), ("int4-b128", BLOCK128, [])):  # fmt: skip
+        name, path = f"edgekit {label} skip{len(s)}", str(d / f"edgekit-{label.replace('-', '')}-skip{len(s)}")
+        out.append(pb.Contender("smollm2-135m", name, "edgekit", label[:4], s, "edgekit", path, args=args, source=gguf))
+    for q, s in (("int4", []), ("int4", skip), ("int8", [])):
+        name = f"genai {q} skip{len(s)}"
+        out.append(pb.Contender("smollm2-135m", name, "genai", q, s, "genai", str(d / f"genai-{q}-skip{len(s)}")))
+    for q in ("int8", "int4"):
+        out.append(pb.Contender("smollm2-135m", f"optimum {q}", "optimum", q, [], "optimum", str(d / f"optimum-{q}"),
+                                file_name="model_quantized.onnx"))  # fmt: skip
+    out.append(pb.Contender("smollm2-135m", "llama.cpp Q4_1 (the shipped GGUF)", "llama.cpp", "native", [], "llama",
+                            gguf, source=gguf))  # fmt: skip
+    for q in ("Q8_0", "Q4_0"):  # requantized from the shipped Q4_1 by llama.cpp's own quantizer
+        out.append(pb.Contender("smollm2-135m", f"llama.cpp {q}", "llama.cpp", q, [], "llama",
+                                str(d / f"llama-{q}.gguf"), source=gguf))  # fmt: skip
+    return out
+
+
+def prompt_ids(n: int, tokenizer: Path = ROOT / "edgekit" / "data" / "stories260k" / "tokenizer.json") -> list[int]:
+    """Real text through a tokenizer (stories260K's by default: its ids < 512 are valid for every model)."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(ROOT / "edgekit" / "data" / "stories260k" / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(tokenizer))
     ids = tok.encode(PROMPT_TEXT.read_text(encoding="utf-8")[:100_000]).ids
     while len(ids) < n:
         ids = ids + ids
@@ -128,6 +172,22 @@ def time_model(cs: list[pb.Contender], spec: dict, rounds: int, timeout: float) 
             print(f"  round {r + 1}/{rounds} {c.name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
 
+def score_model(cs: list[pb.Contender], ckpt: Path, threads: int, timeout: float) -> None:
+    """Perplexity of every built contender on the same held-out ids (quality does not vary by round: once)."""
+    from int4_table import _held_out_wiki
+    from tokenizers import Tokenizer
+
+    text = _held_out_wiki().read_text(encoding="utf-8")
+    ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(text).ids[:PPL_TOKENS]
+    spec = {"mode": "ppl", "threads": threads, "ppl_ids": ids, "chunk": PPL_CHUNK}
+    for c in (c for c in cs if not c.error):
+        try:
+            c.build["ppl"] = run_child(c, spec, timeout)
+        except Exception as e:  # reported beside its speed, not fatal
+            c.build["ppl"] = {"error": str(e)}
+        print(f"  {c.name}: perplexity {c.build['ppl'].get('perplexity', '?')}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
@@ -148,6 +208,7 @@ def main() -> None:
         results = json.loads(args.out.read_text())
         print(peers_report.markdown(results))
         peers_report.plot(results, args.plot)
+        peers_pareto.plot(results, args.plot.with_name(args.plot.stem + "-pareto.png"))
         return
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -161,7 +222,12 @@ def main() -> None:
             from make_checkpoint import make_checkpoint
 
             make_checkpoint("tinyllama-1.1b", ckpt)
-        cs = [c for c in contenders(m, spec["skip"]) if not only or any(s in c.name for s in only)]
+        if m == "smollm2-135m":
+            from smollm2 import hf_folder
+
+            hf_folder(ckpt)
+        line_up = smollm2_contenders(spec["skip"]) if m == "smollm2-135m" else contenders(m, spec["skip"])
+        cs = [c for c in line_up if not only or any(s in c.name for s in only)]
         for c in cs:
             t = time.perf_counter()
             pb.build(c, ckpt)
@@ -182,9 +248,13 @@ def main() -> None:
             "gen_len": args.gen_len,
             "warmup": args.warmup,
             "capacity": max(lens) + args.warmup + args.gen_len + 8,
-            "prompt_ids": prompt_ids(max(lens)),
+            "prompt_ids": prompt_ids(max(lens), MODELS[m]["ckpt"] / "tokenizer.json")
+            if MODELS[m].get("quality")
+            else prompt_ids(max(lens)),
         }
         time_model(cs, spec, args.rounds, args.timeout)
+        if MODELS[m].get("quality"):
+            score_model(cs, MODELS[m]["ckpt"], args.threads, args.timeout)
     bw_after = measure_bandwidth(args.threads)
     results = {
         "command": "python bench/peers.py " + " ".join(sys.argv[1:]),
@@ -198,7 +268,11 @@ def main() -> None:
         "bandwidth": {"before": bw, "after": bw_after},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
         "models": {
-            m: {"prompt_lens": MODELS[m]["prompt_lens"], "contenders": [c.to_dict() for c in cs]}
+            m: {
+                "prompt_lens": MODELS[m]["prompt_lens"],
+                "config": str(MODELS[m]["ckpt"] / "config.json"),
+                "contenders": [c.to_dict() for c in cs],
+            }
             for m, cs in all_cs.items()
         },
         "versions": peers_report.versions(),
@@ -210,6 +284,7 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(peers_report.markdown(results))
     peers_report.plot(results, args.plot)
+    peers_pareto.plot(results, args.plot.with_name(args.plot.stem + "-pareto.png"))
     print(f"\nnumbers: {args.out}\nplot: {args.plot}", file=sys.stderr)
 
 

@@ -118,6 +118,7 @@ class Contender:
     path: str
     file_name: str | None = None
     args: list[str] = field(default_factory=list)  # extra export options (edgekit)
+    source: str | None = None  # what it is built from, when not the model's checkpoint folder (a GGUF)
     build: dict = field(default_factory=dict)  # export_s, export_peak_rss_bytes, file_bytes
     error: str | None = None
 
@@ -164,12 +165,15 @@ def build(c: Contender, ckpt: Path) -> Contender:
         if cached.get("edgekit_tree") == source:  # an edgekit bundle is rebuilt when edgekit's code changed
             c.build = cached
             return c
+    if c.quant == "native":  # run as shipped: nothing to build
+        c.build = {"export_s": 0.0, "export_peak_rss_bytes": 0, "file_bytes": out.stat().st_size}
+        return c
     log = WORK / "logs" / f"build-{c.model}-{c.name.replace(' ', '-')}.log"
     skip = ",".join(map(str, c.skipped))
     try:
         if c.tool == "edgekit":
-            cmd = [MAIN_PY, "-m", "edgekit", "export", ckpt, "--quant", c.quant, "--no-verify", "-o", out, "--force"]
-            cmd += (["--skip-layers", skip] if skip else []) + c.args
+            cmd = [MAIN_PY, "-m", "edgekit", "export", c.source or ckpt, "--quant", c.quant, "--no-verify"]
+            cmd += ["-o", out, "--force"] + (["--skip-layers", skip] if skip else []) + c.args
         elif c.tool == "optimum":
             ensure_venv("optimum")
             export = out.parent / "optimum-export"
@@ -178,6 +182,9 @@ def build(c: Contender, ckpt: Path) -> Contender:
         elif c.tool == "genai":
             ensure_venv("genai")
             cmd = [venv_python("genai"), TOOLS, "genai", ckpt, out, c.quant, skip]
+        elif c.source:  # a shipped GGUF, requantized by llama.cpp's own quantizer
+            ensure_venv("llama")
+            cmd = [venv_python("llama"), TOOLS, "gguf-quant", c.source, out, c.quant]
         else:
             ensure_venv("llama")
             f16 = out.parent / f"f16-skip{len(c.skipped)}.gguf"
@@ -185,7 +192,8 @@ def build(c: Contender, ckpt: Path) -> Contender:
             first = _cached_step(f16, c.model, "llama", ["gguf-f16", ckpt, f16, skip, conv])
             cmd = [venv_python("llama"), TOOLS, "gguf-quant", f16, out, c.quant]
         c.build = _measured(cmd, log)
-        if c.tool in ("optimum", "llama.cpp"):  # export/convert + quantize: one toolchain run, like the others
+        # export/convert + quantize: one toolchain run, like the others
+        if c.tool == "optimum" or (c.tool == "llama.cpp" and not c.source):
             c.build["first_step"] = first
             c.build["export_s"] += first["export_s"]
             peaks = (c.build["export_peak_rss_bytes"], first.get("export_peak_rss_bytes") or 0)

@@ -8,6 +8,10 @@ Every contender gets the same token ids and the same protocol, per prompt length
 P prompt tokens in one call (time to first token = that call + picking the first token), then
 `warmup` untimed and `gen_len` timed greedy decode steps (one forward + argmax each; the median is
 reported). The ids are taken as given; no tokenizer is involved in the timing.
+
+With `"mode": "ppl"` it scores instead: perplexity of `ppl_ids` in chunks of `chunk` tokens, one
+prefill each, no BOS, from each tool's own logits for every position (the same protocol for all, so the
+numbers compare; `perplexity` below).
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def _genai(spec: dict[str, Any]) -> tuple[float, Any]:
     return load, one
 
 
-def _optimum(spec: dict[str, Any]) -> tuple[float, Any]:
+def _optimum(spec: dict[str, Any]) -> tuple[float, Any, Any]:
     import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
@@ -122,7 +126,7 @@ def _optimum(spec: dict[str, Any]) -> tuple[float, Any]:
         ts = [t0, *stamp.times]
         return ts[1] - ts[0], [b - a for a, b in itertools.pairwise(ts[1:])]
 
-    return load, one
+    return load, one, model
 
 
 def _llama(spec: dict[str, Any]) -> tuple[float, Any]:
@@ -162,8 +166,81 @@ def _llama(spec: dict[str, Any]) -> tuple[float, Any]:
 RUNNERS = {"edgekit": _edgekit, "genai": _genai, "optimum": _optimum, "llama": _llama}
 
 
+# ---- perplexity: each tool's logits for every position of one chunk ----
+
+
+def _edgekit_logits(spec: dict[str, Any]) -> Any:
+    from edgekit.runtime.session import DecoderSession
+
+    return DecoderSession(f"{spec['path']}/model.onnx").logits
+
+
+def _onnx_logits(spec: dict[str, Any]) -> Any:
+    """genai's builder output run by onnxruntime directly: genai's generator keeps only the last position's
+    logits, and the model file is the same either way."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = spec["threads"]
+    session = ort.InferenceSession(f"{spec['path']}/model.onnx", so, providers=["CPUExecutionProvider"])
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def logits(ids: list[int]) -> np.ndarray:
+        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        feeds |= {p.name: np.zeros((1, p.shape[1], 0, p.shape[3]), dtypes[p.type]) for p in past}
+        return session.run(["logits"], feeds)[0][0]
+
+    return logits
+
+
+def _optimum_logits(spec: dict[str, Any]) -> Any:
+    import torch
+
+    model = _optimum(spec)[2]
+
+    def logits(ids: list[int]) -> np.ndarray:
+        x = torch.tensor([ids], dtype=torch.int64)
+        return model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].numpy()
+
+    return logits
+
+
+def _llama_logits(spec: dict[str, Any]) -> Any:
+    from llama_cpp import Llama
+
+    chunk = spec["chunk"]
+    llm = Llama(model_path=spec["path"], n_ctx=chunk, n_batch=chunk, n_ubatch=chunk, n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], logits_all=True, verbose=False)  # fmt: skip
+
+    def logits(ids: list[int]) -> np.ndarray:
+        llm.reset()
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)])
+
+    return logits
+
+
+LOGITS = {"edgekit": _edgekit_logits, "genai": _onnx_logits, "optimum": _optimum_logits, "llama": _llama_logits}
+
+
+def perplexity(logits: Any, ids: list[int], chunk: int) -> dict[str, Any]:
+    """exp(mean NLL) of every next token within each chunk of `chunk` ids (each chunk a fresh sequence)."""
+    nll, scored = 0.0, 0
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        z = np.asarray(logits(part), np.float64)
+        z -= z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(part) - 1), part[1:]].sum())
+        scored += len(part) - 1
+    return {"perplexity": float(np.exp(nll / scored)), "scored_tokens": scored, "chunk": chunk}
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    load, one = RUNNERS[spec["kind"]](spec)
+    if spec.get("mode") == "ppl":
+        return perplexity(LOGITS[spec["kind"]](spec), spec["ppl_ids"], spec["chunk"])
+    load, one = RUNNERS[spec["kind"]](spec)[:2]
     ids = spec["prompt_ids"]
     one(ids[:16], 4)  # warm-up: first-call allocations and kernel selection
     settings = []

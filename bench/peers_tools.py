@@ -10,7 +10,9 @@
     gguf-f16 CKPT OUT [SKIP] CONV    llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist, in
                                      folder CONV) to f16; SKIP converts the model as DeciLM (Nemotron-NAS)
                                      with those layers attention-free
-    gguf-quant F16 OUT QTYPE         llama_model_quantize (llama-quantize's engine) to Q8_0/Q4_0
+    gguf-quant F16 OUT QTYPE         llama_model_quantize (llama-quantize's engine) to Q8_0/Q4_0; F16 may
+                                     also be a quantized GGUF (requantized, as `llama-quantize
+                                     --allow-requantize` does)
 
 Only the standard library is imported at the top: each command imports its toolchain itself.
 """
@@ -194,6 +196,7 @@ def gguf_quant(f16: str, out: str, qtype: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[qtype]
     params.nthread = 2
+    params.allow_requantize = True  # a shipped Q4_1 file is dequantized, then quantized again
     rc = llama_cpp.llama_model_quantize(f16.encode(), out.encode(), params)
     if rc != 0:
         raise SystemExit(f"llama_model_quantize failed: {rc}")

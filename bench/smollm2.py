@@ -32,6 +32,31 @@ TEXTS = {  # held-out text, and the separator its documents are split on (None: 
 }
 
 
+def hf_folder(out: Path) -> Path:
+    """The GGUF dequantized into a Hugging Face fp32 folder (weights, config, the converted tokenizer and
+    chat template): what the peers' toolchains (genai's builder, optimum, transformers) read. Cached."""
+    if (out / "config.json").is_file():
+        return out
+    import shutil
+
+    from edgekit.checkpoint.load import load_torch_model, open_checkpoint
+
+    ckpt = open_checkpoint(fetch(SMOLLM2), "smollm2-135m-instruct")
+    stage = out.with_name(out.name + ".partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    load_torch_model(ckpt).save_pretrained(stage)
+    for f in ckpt.path.iterdir():  # the converted tokenizer and chat template beside config.json
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copyfile(f, stage / f.name)
+    # transformers 5 writes rope_parameters only; the 4.x that optimum-onnx pins reads rope_theta and would
+    # silently fall back to 10,000 (SmolLM2's is 100,000)
+    config = json.loads((stage / "config.json").read_text())
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    (stage / "config.json").write_text(json.dumps(config, indent=2))
+    stage.rename(out)
+    return out
+
+
 def _ppl(target: str, text: Path, separator: str | None, tokens: int) -> float:
     r = evaluate(EvalRequest(target=target, text=text, separator=separator, max_tokens=tokens, threads=2))
     return round(r.perplexity.perplexity, 3)

@@ -1,6 +1,7 @@
-"""The parts of bench/peers.py that need no peer toolchain: the timing child on a real edgekit bundle, the
-bytes a decode step reads (the roofline's numerator), and the KV renumbering of the patched genai builder.
-Building and timing the peers themselves is `make bench-peers`, not a test."""
+"""The parts of bench/peers.py that need no peer toolchain: the timing child on a real edgekit bundle, its
+perplexity mode, the bytes a decode step reads (the roofline's numerator), the KV renumbering of the
+patched genai builder and the Pareto front. Building and timing the peers themselves is `make
+bench-peers`, not a test."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import peers_child  # noqa: E402
+import peers_pareto  # noqa: E402
 import peers_report  # noqa: E402
 import peers_tools  # noqa: E402
 
@@ -85,3 +88,41 @@ def test_layer_lists():
     assert peers_tools.parse_layers("16-21") == [16, 17, 18, 19, 20, 21]
     assert peers_tools.parse_layers("4") == [4]
     assert peers_tools.parse_layers("") == []
+
+
+def _child(spec: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "peers_child.py")], input=json.dumps(spec), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_child_perplexity_is_the_same_through_both_onnx_runners(bundle_factory):
+    """The ppl mode scores a bundle through edgekit's runtime and through bare onnxruntime (how genai's
+    builder output is scored) alike, and real text scores far better than the same tokens shuffled."""
+    from tokenizers import Tokenizer
+
+    bundle = bundle_factory()  # stories260K, fp32
+    text = (Path(__file__).resolve().parents[1] / "edgekit" / "data" / "calib-tinystories.txt").read_text()
+    ids = Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(text).ids[:300]
+    spec = {"mode": "ppl", "path": str(bundle), "threads": 1, "ppl_ids": ids, "chunk": 128}
+    ours, bare = _child(spec | {"kind": "edgekit"}), _child(spec | {"kind": "genai"})
+    assert ours["scored_tokens"] == 127 + 127 + 43  # each chunk starts afresh: its first token is not scored
+    assert abs(ours["perplexity"] - bare["perplexity"]) < 1e-4 * ours["perplexity"]
+    shuffled = list(np.random.default_rng(0).permutation(ids))
+    worse = _child(spec | {"kind": "edgekit", "ppl_ids": [int(i) for i in shuffled]})
+    assert 1 < ours["perplexity"] < 20 < worse["perplexity"]
+
+
+def test_perplexity_of_known_logits():
+    """Uniform logits over V tokens score exactly V; a chunk's first token is never scored."""
+    assert abs(peers_child.perplexity(lambda ids: np.zeros((len(ids), 7)), [1, 2, 3, 4, 5], 2)["perplexity"] - 7) < 1e-9
+    sure = peers_child.perplexity(lambda ids: np.eye(10)[[*ids[1:], 0]] * 50, [3, 1, 4, 1, 5], 5)
+    assert sure["scored_tokens"] == 4 and sure["perplexity"] < 1.001
+
+
+def test_pareto_front_keeps_what_nothing_beats_on_both():
+    pts = [("a", "edgekit", 10.0, 15.0, 1), ("b", "genai", 9.0, 20.0, 1), ("c", "llama.cpp", 12.0, 14.0, 1),
+           ("d", "optimum", 11.0, 16.0, 1), ("e", "genai", 13.0, 14.5, 1)]  # fmt: skip
+    assert [p[0] for p in peers_pareto.pareto_front(pts)] == ["b", "a", "c"]
