@@ -198,13 +198,27 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings: time only matching contenders")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--ppl-only", action="store_true", help="score (--only) contenders again in results.json")
     ap.add_argument("--merge", action="store_true", help="keep contenders of an earlier run not timed in this one")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per timed child process")
     ap.add_argument("--out", type=Path, default=WORK / "results.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "peers.png")
     args = ap.parse_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
 
-    if args.report_only:
+    if args.ppl_only:  # score again (e.g. after a fix), keep every timing
+        results = json.loads(args.out.read_text())
+        for m, entry in results["models"].items():
+            if not MODELS[m].get("quality"):
+                continue
+            picked = [c for c in entry["contenders"] if not only or any(s in c["name"] for s in only)]
+            cs = [pb.Contender(**{k: c[k] for k in pb.Contender.__dataclass_fields__}) for c in picked]
+            score_model(cs, MODELS[m]["ckpt"], args.threads, args.timeout)
+            scored = {c.name: c.build["ppl"] for c in cs}
+            for c in entry["contenders"]:
+                c["build"]["ppl"] = scored.get(c["name"], c["build"].get("ppl"))
+        args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if args.report_only or args.ppl_only:
         results = json.loads(args.out.read_text())
         print(peers_report.markdown(results))
         peers_report.plot(results, args.plot)
@@ -213,7 +227,6 @@ def main() -> None:
 
     WORK.mkdir(parents=True, exist_ok=True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
     all_cs: dict[str, list[pb.Contender]] = {}
     for m in models:
         spec = MODELS[m]

@@ -21,6 +21,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,10 +186,13 @@ def _onnx_logits(spec: dict[str, Any]) -> Any:
     session = ort.InferenceSession(f"{spec['path']}/model.onnx", so, providers=["CPUExecutionProvider"])
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    # genai's builder names the head-size dim ("kv_cache_dim"); its genai_config.json has the number
+    decoder = json.loads(Path(spec["path"], "genai_config.json").read_text())["model"]["decoder"]
+    shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
 
     def logits(ids: list[int]) -> np.ndarray:
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-        feeds |= {p.name: np.zeros((1, p.shape[1], 0, p.shape[3]), dtypes[p.type]) for p in past}
+        feeds |= {p.name: np.zeros(shape, dtypes[p.type]) for p in past}
         return session.run(["logits"], feeds)[0][0]
 
     return logits

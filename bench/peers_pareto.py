@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+OFF_CHART = 1.6  # perplexity beyond this multiple of the best is listed, not plotted
 COLORS = {"edgekit": "#1f77b4", "optimum": "#7f7f7f", "genai": "#ff7f0e", "llama.cpp": "#2ca02c"}
 
 
@@ -45,18 +46,26 @@ def plot(results: dict[str, Any], out: Path) -> None:
     for row, (model, m) in enumerate(models):
         for col, n in enumerate((m["prompt_lens"][0], m["prompt_lens"][-1])):
             ax, pts = axes[row][col], points(m, n)
-            for name, tool, ms, ppl, size in pts:
-                ax.scatter(ms, ppl, s=max(size / 1e6, 8), color=COLORS[tool], alpha=0.7, edgecolor="black")
-                ax.annotate(name, (ms, ppl), fontsize=7, xytext=(4, 3), textcoords="offset points")
-            front = pareto_front(pts)
+            # a far outlier (optimum's dynamic int8 on SmolLM2) would squash every other point into one line
+            best = min(p[3] for p in pts)
+            shown = [p for p in pts if p[3] <= OFF_CHART * best]
+            for k, (name, tool, ms, ppl, size) in enumerate(sorted(shown, key=lambda p: (p[3], p[2]))):
+                ax.scatter(ms, ppl, s=max(size / 1e6, 8), color=COLORS[tool], alpha=0.6, edgecolor="black")
+                label = name.replace(" skip0", "").replace(" (the shipped GGUF)", " (shipped)")
+                ax.annotate(label, (ms, ppl), fontsize=7, xytext=(5, -9 if k % 2 else 4), textcoords="offset points")
+            front = pareto_front(shown)
             ax.step([p[2] for p in front], [p[3] for p in front], where="post", color="black", linewidth=0.8,
                     linestyle="--", label="Pareto front")  # fmt: skip
             for tool, color in COLORS.items():
                 ax.scatter([], [], color=color, label=tool)
+            off = [f"{p[0]} ({p[3]:.0f})" for p in pts if p not in shown]
+            if off:
+                ax.text(0.99, 0.02, "off the chart: " + ", ".join(off), transform=ax.transAxes, ha="right",
+                        va="bottom", fontsize=7)  # fmt: skip
             ax.set_xlabel(f"decode ms/token after {n} tokens (lower is better)")
             ax.set_ylabel("WikiText-2 perplexity, 4 × 1,024 held-out tokens (lower is better)")
             ax.set_title(f"{model}: speed vs quality, {results['settings']['threads']} threads (area: file size)")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
