@@ -18,7 +18,7 @@ protocol in its own runtime (peers_child.py, `"mode": "ppl"`): 4 × 1,024 tokens
 (the first half of valid; the shipped calibration text is from the second half). Then speed sits next
 to quality: the table's ppl column and the speed-vs-perplexity plot (bench/peers_pareto.py).
 
-    python bench/peers.py                        # both models, 3 rounds, 2 threads (make bench-peers)
+    python bench/peers.py                        # every model, 3 rounds, 2 threads (make bench-peers)
     python bench/peers.py --models tinyllama-1.1b --rounds 5
     python bench/peers.py --models smollm2-135m --rounds 5 --gen-len 64   # the real model, with perplexity
     python bench/peers.py --build-only           # venvs, llama.cpp wheel and every model file; no timing
@@ -48,9 +48,12 @@ WORK = pb.WORK
 CHILD = ROOT / "bench" / "peers_child.py"
 PROMPT_TEXT = ROOT / "edgekit" / "data" / "calib-tinystories.txt"  # what edgekit profile feeds too
 
+STORIES_TOKENIZER = ROOT / "edgekit" / "data" / "stories260k" / "tokenizer.json"
 MODELS = {
     # name: checkpoint, skipped layers (~25%: the last ones), prompt lengths: prefill, TTFT and decode are
-    # measured after each (short and long context)
+    # measured after each (short and long context); optionally how the checkpoint is made (`prepare`), a
+    # line-up of its own (`line_up`, else `contenders`), the prompt's tokenizer (else stories260K's: its ids
+    # < 512 are valid for every model) and `quality`: real weights, so each contender's perplexity is measured
     "stories260k": {
         "ckpt": ROOT / "edgekit" / "data" / "stories260k",
         "skip": [4],
@@ -60,6 +63,7 @@ MODELS = {
         "ckpt": ROOT / "bench" / "work" / "ckpt-tinyllama-1.1b",
         "skip": list(range(16, 22)),
         "prompt_lens": [128, 1024],
+        "prepare": lambda ckpt: __import__("make_checkpoint").make_checkpoint("tinyllama-1.1b", ckpt),
     },
     "smollm2-135m": {
         "ckpt": WORK / "models" / "smollm2-135m" / "hf-fp32",  # the GGUF dequantized (bench/smollm2.py)
@@ -67,6 +71,9 @@ MODELS = {
         # sublayers from SmolLM2"); fixed here so genai's patched builder removes the same four
         "skip": [6, 7, 25, 26],
         "prompt_lens": [128, 1024],
+        "prepare": lambda ckpt: __import__("smollm2").hf_folder(ckpt),
+        "line_up": lambda skip: smollm2_contenders(skip),
+        "tokenizer": WORK / "models" / "smollm2-135m" / "hf-fp32" / "tokenizer.json",
         "quality": True,
     },
 }
@@ -131,7 +138,7 @@ def smollm2_contenders(skip: list[int]) -> list[pb.Contender]:
     return out
 
 
-def prompt_ids(n: int, tokenizer: Path = ROOT / "edgekit" / "data" / "stories260k" / "tokenizer.json") -> list[int]:
+def prompt_ids(n: int, tokenizer: Path = STORIES_TOKENIZER) -> list[int]:
     """Real text through a tokenizer (stories260K's by default: its ids < 512 are valid for every model)."""
     from tokenizers import Tokenizer
 
@@ -205,6 +212,11 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "peers.png")
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := [m for m in models if m not in MODELS]:
+        raise SystemExit(f"--models: unknown {', '.join(unknown)} (known: {', '.join(MODELS)})")
+    if (args.ppl_only or args.report_only) and not args.out.is_file():
+        raise SystemExit(f"{args.out} does not exist: run bench/peers.py without --report-only/--ppl-only first")
 
     if args.ppl_only:  # score again (e.g. after a fix), keep every timing
         results = json.loads(args.out.read_text())
@@ -219,27 +231,20 @@ def main() -> None:
                 c["build"]["ppl"] = scored.get(c["name"], c["build"].get("ppl"))
         args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     if args.report_only or args.ppl_only:
-        results = json.loads(args.out.read_text())
+        results = json.loads(args.out.read_text())  # (rewritten above by --ppl-only)
         print(peers_report.markdown(results))
         peers_report.plot(results, args.plot)
         peers_pareto.plot(results, args.plot.with_name(args.plot.stem + "-pareto.png"))
         return
 
     WORK.mkdir(parents=True, exist_ok=True)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
     all_cs: dict[str, list[pb.Contender]] = {}
     for m in models:
         spec = MODELS[m]
         ckpt = spec["ckpt"]
-        if m == "tinyllama-1.1b":
-            from make_checkpoint import make_checkpoint
-
-            make_checkpoint("tinyllama-1.1b", ckpt)
-        if m == "smollm2-135m":
-            from smollm2 import hf_folder
-
-            hf_folder(ckpt)
-        line_up = smollm2_contenders(spec["skip"]) if m == "smollm2-135m" else contenders(m, spec["skip"])
+        if "prepare" in spec:
+            spec["prepare"](ckpt)
+        line_up = spec["line_up"](spec["skip"]) if "line_up" in spec else contenders(m, spec["skip"])
         cs = [c for c in line_up if not only or any(s in c.name for s in only)]
         for c in cs:
             t = time.perf_counter()
@@ -261,9 +266,7 @@ def main() -> None:
             "gen_len": args.gen_len,
             "warmup": args.warmup,
             "capacity": max(lens) + args.warmup + args.gen_len + 8,
-            "prompt_ids": prompt_ids(max(lens), MODELS[m]["ckpt"] / "tokenizer.json")
-            if MODELS[m].get("quality")
-            else prompt_ids(max(lens)),
+            "prompt_ids": prompt_ids(max(lens), MODELS[m].get("tokenizer", STORIES_TOKENIZER)),
         }
         time_model(cs, spec, args.rounds, args.timeout)
         if MODELS[m].get("quality"):

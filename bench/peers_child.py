@@ -86,19 +86,25 @@ def _genai(spec: dict[str, Any]) -> tuple[float, Any]:
     return load, one
 
 
-def _optimum(spec: dict[str, Any]) -> tuple[float, Any, Any]:
+def _optimum_model(spec: dict[str, Any]) -> Any:
     import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import LogitsProcessor, LogitsProcessorList
 
     torch.set_num_threads(spec["threads"])
     so = ort.SessionOptions()
     so.intra_op_num_threads = spec["threads"]
-    t = time.perf_counter()
-    model = ORTModelForCausalLM.from_pretrained(
+    return ORTModelForCausalLM.from_pretrained(
         spec["path"], file_name=spec.get("file_name"), session_options=so, provider="CPUExecutionProvider"
     )
+
+
+def _optimum(spec: dict[str, Any]) -> tuple[float, Any]:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    t = time.perf_counter()
+    model = _optimum_model(spec)
     load = time.perf_counter() - t
 
     class Stamp(LogitsProcessor):
@@ -127,7 +133,7 @@ def _optimum(spec: dict[str, Any]) -> tuple[float, Any, Any]:
         ts = [t0, *stamp.times]
         return ts[1] - ts[0], [b - a for a, b in itertools.pairwise(ts[1:])]
 
-    return load, one, model
+    return load, one
 
 
 def _llama(spec: dict[str, Any]) -> tuple[float, Any]:
@@ -171,9 +177,14 @@ RUNNERS = {"edgekit": _edgekit, "genai": _genai, "optimum": _optimum, "llama": _
 
 
 def _edgekit_logits(spec: dict[str, Any]) -> Any:
+    import onnxruntime as ort
+
     from edgekit.runtime.session import DecoderSession
 
-    return DecoderSession(f"{spec['path']}/model.onnx").logits
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = spec["threads"]
+    so.log_severity_level = 3  # `logits_to_keep` is an input with a default: onnxruntime warns, expectedly
+    return DecoderSession(f"{spec['path']}/model.onnx", options=so).logits
 
 
 def _onnx_logits(spec: dict[str, Any]) -> Any:
@@ -201,7 +212,7 @@ def _onnx_logits(spec: dict[str, Any]) -> Any:
 def _optimum_logits(spec: dict[str, Any]) -> Any:
     import torch
 
-    model = _optimum(spec)[2]
+    model = _optimum_model(spec)
 
     def logits(ids: list[int]) -> np.ndarray:
         x = torch.tensor([ids], dtype=torch.int64)
@@ -244,7 +255,7 @@ def perplexity(logits: Any, ids: list[int], chunk: int) -> dict[str, Any]:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("mode") == "ppl":
         return perplexity(LOGITS[spec["kind"]](spec), spec["ppl_ids"], spec["chunk"])
-    load, one = RUNNERS[spec["kind"]](spec)[:2]
+    load, one = RUNNERS[spec["kind"]](spec)
     ids = spec["prompt_ids"]
     one(ids[:16], 4)  # warm-up: first-call allocations and kernel selection
     settings = []

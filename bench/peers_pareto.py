@@ -5,8 +5,12 @@ nothing else beats on both (faster and lower perplexity). File size is the marke
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers_report import ppl as perplexity_of
 
 OFF_CHART = 1.6  # perplexity beyond this multiple of the best is listed, not plotted
 COLORS = {"edgekit": "#1f77b4", "optimum": "#7f7f7f", "genai": "#ff7f0e", "llama.cpp": "#2ca02c"}
@@ -16,7 +20,7 @@ def points(m: dict[str, Any], prompt_len: int) -> list[tuple[str, str, float, fl
     """(name, tool, decode ms, perplexity, file bytes) of every contender timed and scored."""
     out = []
     for c in m["contenders"]:
-        ppl = c["build"].get("ppl", {}).get("perplexity")
+        ppl = perplexity_of(c)
         at = next((s for s in c.get("summary", []) if s["prompt_len"] == prompt_len), None)
         if ppl and at:
             out.append((c["name"], c["tool"], at["decode_ms"], ppl, c["build"].get("file_bytes", 0)))

@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen-len", type=int, default=64)
     args = ap.parse_args()
+    if not (args.bundle / "genai_config.json").is_file():
+        raise SystemExit(f"{args.bundle}: no genai_config.json, so onnxruntime-genai cannot run it")
     pb.set_genai_threads(args.bundle, args.threads)
     lens = [128, 1024]
     spec = {"threads": args.threads, "prompt_lens": lens, "gen_len": args.gen_len, "warmup": 4,
